@@ -1,0 +1,89 @@
+"""Label vocabularies, aliases, location-aware (fine) labels and uncertainty policies.
+
+Label values in records: 1 positive, 0 negative, -1 uncertain, NaN unknown. Before the loss every
+label becomes a (target, mask) pair: NaN is always masked out; -1 follows the label's policy:
+  ignore: masked out (CheXpert U-Ignore), zeros: target 0 (U-Zeros), ones: target 1 (U-Ones).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+# NIH ChestX-ray14 in the order used by CheXNet reimplementations and HAM (the output head order).
+NIH_LABELS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+    "Hernia",
+)
+NO_FINDING = "No Finding"
+# Spellings found in the official files and peers, mapped to the project's names.
+ALIASES = {"Infiltrate": "Infiltration", "Pleural Effusion": "Effusion",
+           "Pleural Thickening": "Pleural_Thickening"}
+
+SIDES = ("right", "left")  # the patient's side (shown on the viewer's left and right in a PA film)
+ZONES = ("upper", "middle", "lower")
+POLICIES = ("ignore", "zeros", "ones")
+
+
+def canonical(name: str) -> str:
+  """The project's spelling of a label name."""
+  name = name.strip()
+  return ALIASES.get(name, name)
+
+
+def fine_label(finding: str, side: str, zone: str) -> str:
+  """A location-aware label name, e.g. `Nodule|left|lower`."""
+  if side not in SIDES or zone not in ZONES:
+    raise ValueError(f"bad location {side!r}/{zone!r}: side in {SIDES}, zone in {ZONES}")
+  return f"{canonical(finding)}|{side}|{zone}"
+
+
+def fine_vocabulary(findings: Sequence[str] = NIH_LABELS) -> tuple[str, ...]:
+  """Every `Finding|side|zone` combination, finding-major."""
+  return tuple(fine_label(f, s, z) for f in findings for s in SIDES for z in ZONES)
+
+
+def mirror_permutation(names: Sequence[str]) -> np.ndarray:
+  """Index permutation that swaps patient left and right in a list of names (for flips).
+
+  A name containing `left` maps to the same name with `right`, and vice versa; others map to
+  themselves. Works for fine labels (`Nodule|left|lower`) and anatomy names (`left_lung`).
+  """
+  index = {n: i for i, n in enumerate(names)}
+
+  def mirror(name):
+    parts = name.replace("left", "\0").replace("right", "left").replace("\0", "right")
+    if parts not in index:
+      raise ValueError(f"{name!r} has no mirrored counterpart {parts!r} in the vocabulary")
+    return index[parts]
+
+  return np.array([mirror(n) for n in names], np.int64)
+
+
+def resolve_policies(label_names: Sequence[str], default: str = "ignore",
+                     per_label: Mapping[str, str] | None = None) -> np.ndarray:
+  """Per-label uncertainty policy codes (index into POLICIES), checked by name."""
+  per_label = dict(per_label or {})
+  unknown = sorted(set(per_label) - set(label_names))
+  if unknown:
+    raise ValueError(f"uncertainty policy for unknown labels {unknown}; labels are {list(label_names)}")
+  codes = []
+  for name in label_names:
+    policy = per_label.get(name, default)
+    if policy not in POLICIES:
+      raise ValueError(f"uncertainty policy {policy!r} for {name!r}: choose from {POLICIES}")
+    codes.append(POLICIES.index(policy))
+  return np.array(codes, np.int64)
+
+
+def apply_policy(labels: np.ndarray, policy_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Maps raw labels (1/0/-1/NaN) to (targets in {0,1}, mask in {0,1}), both float32."""
+  labels = np.asarray(labels, np.float32)
+  uncertain = labels == -1
+  known = ~np.isnan(labels)
+  targets = np.where(known & ~uncertain, labels, 0.0)
+  targets = np.where(uncertain & (policy_codes == POLICIES.index("ones")), 1.0, targets)
+  mask = known & ~(uncertain & (policy_codes == POLICIES.index("ignore")))
+  return targets.astype(np.float32), mask.astype(np.float32)
