@@ -62,6 +62,17 @@ def mirror_permutation(names: Sequence[str]) -> np.ndarray:
   return np.array([mirror(n) for n in names], np.int64)
 
 
+def parse_policy_overrides(text: str) -> dict[str, str]:
+  """Parses `"Edema=ones,Atelectasis=ones"` into {label: policy}."""
+  overrides = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, sep, policy = item.partition("=")
+    if not sep or policy.strip() not in POLICIES:
+      raise ValueError(f"{item!r} is not LABEL=POLICY with POLICY in {POLICIES}")
+    overrides[canonical(name)] = policy.strip()
+  return overrides
+
+
 def resolve_policies(label_names: Sequence[str], default: str = "ignore",
                      per_label: Mapping[str, str] | None = None) -> np.ndarray:
   """Per-label uncertainty policy codes (index into POLICIES), checked by name."""

@@ -123,9 +123,24 @@ def parse(payload: bytes) -> CxrExample:
   )
 
 
-def read_record(f: BinaryIO, offset: int, *, path: str = "?", index: int = -1,
-                verify_crc: bool = True) -> tuple[bytes, int]:
-  """Reads the record whose header starts at `offset`; returns (payload, offset of the next record)."""
+def unframe(buf: bytes, *, path: str = "?", index: int = -1, offset: int = 0,
+            verify_crc: bool = True) -> bytes:
+  """Checks one framed record held whole in `buf` and returns its payload."""
+  if len(buf) < _HEADER.size:
+    raise CorruptRecordError(path, index, offset, "truncated header")
+  length, length_crc = _HEADER.unpack_from(buf)
+  if masked_crc(buf[:8]) != length_crc:
+    raise CorruptRecordError(path, index, offset, "length checksum mismatch")
+  if len(buf) < _HEADER.size + length + _FOOTER.size:
+    raise CorruptRecordError(path, index, offset, f"truncated payload (expected {length} bytes)")
+  payload = buf[_HEADER.size:_HEADER.size + length]
+  if verify_crc and masked_crc(payload) != _FOOTER.unpack_from(buf, _HEADER.size + length)[0]:
+    raise CorruptRecordError(path, index, offset, "payload checksum mismatch")
+  return payload
+
+
+def _record_size(f: BinaryIO, offset: int, path: str, index: int) -> int:
+  """Total framed size of the record starting at `offset`, from its (checked) header."""
   f.seek(offset)
   header = f.read(_HEADER.size)
   if len(header) < _HEADER.size:
@@ -133,13 +148,24 @@ def read_record(f: BinaryIO, offset: int, *, path: str = "?", index: int = -1,
   length, length_crc = _HEADER.unpack(header)
   if masked_crc(header[:8]) != length_crc:
     raise CorruptRecordError(path, index, offset, "length checksum mismatch")
-  body = f.read(length + _FOOTER.size)
-  if len(body) < length + _FOOTER.size:
-    raise CorruptRecordError(path, index, offset, f"truncated payload (expected {length} bytes)")
-  payload = body[:length]
-  if verify_crc and masked_crc(payload) != _FOOTER.unpack(body[length:])[0]:
-    raise CorruptRecordError(path, index, offset, "payload checksum mismatch")
-  return payload, offset + _HEADER.size + length + _FOOTER.size
+  return _HEADER.size + length + _FOOTER.size
+
+
+def record_offsets(path: str | os.PathLike) -> np.ndarray:
+  """Byte offsets of every record plus the file size as a final entry (N + 1 values).
+
+  Reads only the headers, so indexing a shard costs one seek per record.
+  """
+  path = os.fspath(path)
+  size = os.path.getsize(path)
+  offsets = [0]
+  with open(path, "rb") as f:
+    while offsets[-1] < size:
+      end = offsets[-1] + _record_size(f, offsets[-1], path, len(offsets) - 1)
+      if end > size:
+        raise CorruptRecordError(path, len(offsets) - 1, offsets[-1], "truncated payload")
+      offsets.append(end)
+  return np.asarray(offsets, np.int64)
 
 
 def iter_records(path: str | os.PathLike, *, verify_crc: bool = True) -> Iterator[tuple[int, bytes]]:
@@ -149,6 +175,9 @@ def iter_records(path: str | os.PathLike, *, verify_crc: bool = True) -> Iterato
   with open(path, "rb") as f:
     offset, index = 0, 0
     while offset < size:
-      payload, next_offset = read_record(f, offset, path=path, index=index, verify_crc=verify_crc)
+      record_size = _record_size(f, offset, path, index)
+      f.seek(offset)
+      payload = unframe(f.read(record_size), path=path, index=index, offset=offset,
+                        verify_crc=verify_crc)
       yield offset, payload
-      offset, index = next_offset, index + 1
+      offset, index = offset + record_size, index + 1

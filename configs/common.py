@@ -1,0 +1,83 @@
+"""Defaults shared by every experiment config (ml_collections), and the smoke-argument parser.
+
+Every field can be overridden on the command line, e.g. `--config.optim.lr=3e-4`; unknown
+fields and values of the wrong type stop the run at start. Fields set to None (placeholders)
+mean "the architecture's default".
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `configs/x.py:smoke,res=128` style arguments into typed values.
+
+  A bare name (`smoke`) sets that boolean to True; `key=value` takes the type of the default.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      parsed[key] = value.lower() in ("", "1", "true", "yes")
+    else:
+      parsed[key] = kind(value)
+  return parsed
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The base config; experiment configs start from it and change what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = "float32"  # compute dtype; params and optimizer state stay float32
+  c.init_from = ""  # torchvision ImageNet weights (.pth, .safetensors or .npz) for the backbone
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""  # a folder prepared by data_prep (holds cxr_manifest.json)
+  c.data.prepare = ""  # "module:function" that creates data.dir when it is absent
+  c.data.prepare_args = ml_collections.ConfigDict()
+  c.data.train_split = "train"
+  c.data.val_split = "val"
+  c.data.test_split = "test"
+  c.data.image_size = 224
+  c.data.uncertainty = "ignore"  # policy for -1 labels: ignore | zeros | ones
+  c.data.uncertainty_per_label = ""  # overrides, e.g. "Edema=ones,Atelectasis=ones"
+  c.data.load_anatomy = False
+  c.data.max_boxes = 16
+  c.data.verify_crc = True
+  c.data.worker_count = 0  # decoding processes per host; 0 decodes in the training process
+  c.data.prefetch = 2  # batches buffered per worker
+  c.data.augment = ml_collections.ConfigDict(dict(
+      rotate_deg=7.0, scale=(0.9, 1.1), translate=0.05, brightness=0.1, contrast=0.1,
+      hflip=False))
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "baseline"
+  c.model.backbone = ml_collections.ConfigDict(dict(
+      name="densenet121", remat=False,
+      growth_rate=config_dict.placeholder(int), block_config=config_dict.placeholder(tuple),
+      num_init_features=config_dict.placeholder(int), bn_size=config_dict.placeholder(int),
+      stage_sizes=config_dict.placeholder(tuple), output_stride=config_dict.placeholder(int)))
+  c.model.dropout = 0.0
+  c.model.normalization = "imagenet"  # a preset of cxr_jax.layers.PRESETS
+  c.model.channels = 3  # grayscale replicated to 3 channels for ImageNet stems
+
+  c.loss = ml_collections.ConfigDict(dict(name="bce", focal_gamma=2.0, focal_alpha=-1.0))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adam", lr=1e-4, backbone_lr_mult=1.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      momentum=0.9, nesterov=False, schedule="constant", warmup_steps=0, final_lr_fraction=0.0,
+      step_boundaries=(), step_factor=0.1, clip_norm=0.0))
+
+  c.train = ml_collections.ConfigDict(dict(steps=1000, global_batch=16, log_every=50,
+                                           eval_every=500))
+  c.eval = ml_collections.ConfigDict(dict(global_batch=32, bootstrap=1000))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, keep_best=1))
+  c.parallel = ml_collections.ConfigDict(dict(
+      distributed="none", coordinator_address="", num_processes=config_dict.placeholder(int),
+      process_id=config_dict.placeholder(int)))
+  return c

@@ -1,0 +1,80 @@
+"""Orbax checkpoints of the train state together with the grain data iterator.
+
+`<workdir>/checkpoints/<step>/` holds `state/` (params, batch_stats, optimizer state, step, rng)
+and `data_iter/` (one JSON per process). Kept: the latest `keep` checkpoints plus the `keep_best`
+best by validation mean AUC. Restoring takes an abstract state carrying the *current* mesh's
+shardings, so a checkpoint written by any number of devices or processes restores on any other.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+BEST_METRIC = "val_mean_auc"
+
+
+class Checkpointer:
+  """Saves and restores {state, data iterator}; one per run directory."""
+
+  def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1, read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=keep),
+        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=keep_best,
+                                      keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+        create=not read_only, read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest saved step, or None."""
+    return self.manager.latest_step()
+
+  def resolve(self, which: str | int) -> int:
+    """The step for `best`, `latest` or a step number; a clear error when there is none."""
+    steps = list(self.manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}: train first "
+                              "(python -m cxr_jax.train ...) or point --workdir at a trained run")
+    if which == "latest":
+      return self.manager.latest_step()
+    if which == "best":
+      return self.manager.best_step()
+    step = int(which)
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                              f"available steps: {sorted(steps)}")
+    return step
+
+  def save(self, step: int, state: Any, data_iter: Any, metrics: dict[str, float] | None = None) -> None:
+    """Saves asynchronously; `metrics` (with the validation mean AUC) rank the best checkpoints."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data_iter=grain.checkpoint.CheckpointSave(data_iter))
+    self.manager.save(step, args=args, metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
+    """Restores the state (onto `abstract_state`'s shardings) and, if given, the iterator in place."""
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self.manager.close()
+
+
+def abstract(tree: Any) -> Any:
+  """Shape/dtype/sharding stand-ins for a (possibly already donated) state, for restoring."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -1,0 +1,75 @@
+"""Checks on a resolved config, and the copy of it that every run keeps in its workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from cxr_jax import layers, losses, methods, optim, parallel
+from cxr_jax.data import labels
+
+CONFIG_FILE = "config.json"
+
+
+def get(config: Any, path: str) -> Any:
+  """`get(config, "data.image_size")`: a dotted lookup for error messages and tools."""
+  for part in path.split("."):
+    config = config[part]
+  return config
+
+
+def _choice(config, path: str, choices) -> list[str]:
+  value = get(config, path)
+  return [] if value in choices else [f"config.{path}={value!r}: choose from {list(choices)}"]
+
+
+def _positive(config, path: str) -> list[str]:
+  value = get(config, path)
+  return [] if value > 0 else [f"config.{path}={value!r}: must be > 0"]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError listing every bad value, before anything expensive starts."""
+  problems = []
+  problems += _choice(config, "model.name", methods.available())
+  problems += _choice(config, "model.normalization", layers.PRESETS)
+  problems += _choice(config, "model.channels", (1, 3))
+  problems += _choice(config, "loss.name", losses.NAMES)
+  problems += _choice(config, "optim.name", optim.OPTIMIZERS)
+  problems += _choice(config, "optim.schedule", optim.SCHEDULES)
+  problems += _choice(config, "data.uncertainty", labels.POLICIES)
+  problems += _choice(config, "parallel.distributed", parallel.MODES)
+  for path in ("train.steps", "train.global_batch", "train.log_every", "eval.global_batch",
+               "data.image_size", "optim.lr", "checkpoint.keep"):
+    problems += _positive(config, path)
+  try:
+    jnp.dtype(config.dtype)
+  except TypeError:
+    problems.append(f"config.dtype={config.dtype!r} is not a dtype (float32, bfloat16, ...)")
+  try:
+    labels.parse_policy_overrides(config.data.uncertainty_per_label)
+  except ValueError as e:
+    problems.append(f"config.data.uncertainty_per_label: {e}")
+  if not config.data.dir:
+    problems.append("config.data.dir is empty: point it at a folder prepared by data_prep")
+  if problems:
+    raise ValueError("bad config:\n  " + "\n  ".join(problems))
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config as JSON into the workdir."""
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

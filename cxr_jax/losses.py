@@ -1,0 +1,72 @@
+"""Shared multi-label losses. Every loss takes a mask: entries with mask 0 (unknown labels,
+ignored uncertain labels, padding) contribute nothing, and the mean runs over the rest.
+
+- `bce`: binary cross-entropy with logits (CheXNet).
+- `wbce`: class-weighted BCE, W-CEL of Wang et al. (CVPR 2017): within the batch, positives of a
+  class weigh (|P| + |N|) / |P| and negatives (|P| + |N|) / |N|.
+- `focal`: focal loss (Lin et al. 2017) with focusing parameter gamma and optional alpha.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+NAMES = ("bce", "wbce", "focal")
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of `values` over entries where `mask` is 1 (0 when the mask is empty)."""
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def bce_terms(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Elementwise binary cross-entropy with logits, numerically stable."""
+  return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def bce(logits, targets, mask) -> jax.Array:
+  """Masked mean binary cross-entropy."""
+  return masked_mean(bce_terms(logits, targets), mask)
+
+
+def weighted_bce(logits, targets, mask) -> jax.Array:
+  """W-CEL: BCE with per-class positive/negative weights from the batch's label counts."""
+  pos = jnp.sum(targets * mask, axis=0)
+  neg = jnp.sum((1 - targets) * mask, axis=0)
+  total = pos + neg
+  # A class with no positives (or negatives) in the batch keeps weight 1 for what it has.
+  w_pos = jnp.where(pos > 0, total / jnp.maximum(pos, 1.0), 1.0)
+  w_neg = jnp.where(neg > 0, total / jnp.maximum(neg, 1.0), 1.0)
+  weights = targets * w_pos + (1 - targets) * w_neg
+  return masked_mean(weights * bce_terms(logits, targets), mask)
+
+
+def focal(logits, targets, mask, *, gamma: float = 2.0, alpha: float = -1.0) -> jax.Array:
+  """Focal loss; alpha < 0 disables the class-balance factor."""
+  p = jax.nn.sigmoid(logits)
+  p_t = targets * p + (1 - targets) * (1 - p)
+  terms = bce_terms(logits, targets) * (1 - p_t) ** gamma
+  if alpha >= 0:
+    terms = terms * (targets * alpha + (1 - targets) * (1 - alpha))
+  return masked_mean(terms, mask)
+
+
+def classification_loss(logits: jax.Array, batch: Mapping[str, jax.Array],
+                        loss_config: Mapping[str, Any]) -> jax.Array:
+  """The multi-label loss named by `config.loss.name`, on float32 logits."""
+  logits = logits.astype(jnp.float32)
+  targets, mask = batch["labels"], batch["label_mask"]
+  if "valid" in batch:
+    mask = mask * batch["valid"][:, None]
+  name = loss_config["name"]
+  if name == "bce":
+    return bce(logits, targets, mask)
+  if name == "wbce":
+    return weighted_bce(logits, targets, mask)
+  if name == "focal":
+    return focal(logits, targets, mask, gamma=loss_config["focal_gamma"],
+                 alpha=loss_config["focal_alpha"])
+  raise ValueError(f"config.loss.name={name!r}; choose from {NAMES}")

@@ -1,0 +1,90 @@
+"""Run logging on the main process: metrics as JSON lines, TensorBoard events (tensorboardX, no
+TensorFlow needed) and a live progress line with images/s and ETA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tensorboard"
+
+
+class MetricWriter:
+  """Appends `{"step": s, "split": ..., name: value, ...}` lines and TensorBoard scalars."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+    self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
+
+  def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+    """Logs scalars of one split (`train`, `val`, ...) at a step."""
+    if not self.enabled:
+      return
+    values = {k: _plain(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+    self._jsonl.flush()
+    for name, value in values.items():
+      if isinstance(value, float) and math.isfinite(value):
+        self._tb.add_scalar(f"{split}/{name}", value, step)
+
+  def close(self) -> None:
+    """Flushes and closes both outputs."""
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _plain(value):
+  value = np.asarray(value)
+  return value.item() if value.size == 1 else value.tolist()
+
+
+class Progress:
+  """Throughput and ETA between calls; the first interval (compilation) is reported apart."""
+
+  def __init__(self, total_steps: int, images_per_step: int, start_step: int):
+    self.total, self.images_per_step = total_steps, images_per_step
+    self._step, self._time = start_step, time.perf_counter()
+
+  def update(self, step: int) -> dict[str, float]:
+    """Images/s and seconds left since the previous update."""
+    now = time.perf_counter()
+    rate = (step - self._step) / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    return dict(images_per_s=rate * self.images_per_step,
+                eta_s=(self.total - step) / max(rate, 1e-9))
+
+  def restart(self, step: int) -> None:
+    """Restarts the clock (after evaluation or checkpointing, which are not training time)."""
+    self._step, self._time = step, time.perf_counter()
+
+  def line(self, step: int, loss: float, lr: float, speed: Mapping[str, float]) -> str:
+    """The human-readable progress line."""
+    eta = speed["eta_s"]
+    return (f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  "
+            f"{speed['images_per_s']:.1f} img/s  ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+class _OwnInfoOnly(logging.Filter):
+  """Passes warnings and errors from everywhere, and info lines from this project only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or any(
+        part in record.pathname for part in ("/cxr_jax/", "/data_prep/"))
+
+
+def quiet_library_logs() -> None:
+  """Hides the info-level chatter of orbax, grain and jax from the console (a CLI's first call)."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())

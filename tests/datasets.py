@@ -1,0 +1,58 @@
+"""Tiny prepared datasets for tests, written through the real writer."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from cxr_jax.data import labels, tfrecord, writer
+
+ANATOMY_NAMES = ("background", "body", "right_lung", "left_lung", "heart")
+
+
+def png(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def example(i: int, size: int, num_labels: int = 14, with_extras: bool = True) -> tfrecord.CxrExample:
+  """Record i: its image encodes i, so a batch tells which records it holds."""
+  rng = np.random.default_rng(i)
+  image = rng.integers(0, 255, (size, size), dtype=np.uint8)
+  image[0, 0] = i % 256
+  image[0, 1] = i // 256
+  anatomy = np.zeros((size, size), np.uint8)
+  anatomy[:, : size // 2] = 2  # patient's right lung on the viewer's left
+  anatomy[:, size // 2:] = 3
+  vals = (rng.random(num_labels) < 0.3).astype(np.float32)
+  vals[0] = -1.0 if i % 3 == 0 else vals[0]
+  vals[1] = np.nan if i % 4 == 0 else vals[1]
+  fine = np.zeros(len(labels.fine_vocabulary()), np.float32)
+  fine[labels.fine_vocabulary().index("Nodule|left|lower")] = 1.0
+  return tfrecord.CxrExample(
+      image=png(image), image_id=f"{i:08d}_000.png", patient_id=str(i // 2), study_id=str(i),
+      view="PA", labels=vals, boxes=np.array([[0.6, 0.6, 0.9, 0.8]], np.float32),
+      box_labels=np.array([5]), fine_labels=fine if with_extras else None,
+      anatomy=png(anatomy) if with_extras else None)
+
+
+def write(out_dir, splits: dict[str, int], size: int = 32, with_extras: bool = True,
+          max_shard_bytes: int = 20_000) -> str:
+  """Writes a dataset with `splits` = {name: number of records}; record ids are global."""
+  start = 0
+  with writer.DatasetWriter(
+      out_dir, "toy", label_names=labels.NIH_LABELS, image_size=size, converter="tests",
+      converter_version="0", source="synthetic",
+      fine_label_names=labels.fine_vocabulary() if with_extras else (),
+      anatomy_names=ANATOMY_NAMES if with_extras else (), max_shard_bytes=max_shard_bytes) as w:
+    for split, count in splits.items():
+      for i in range(start, start + count):
+        w.add(split, example(i, size, with_extras=with_extras))
+      start += count
+  return str(out_dir)
+
+
+def record_ids(batch) -> list[int]:
+  """The record numbers encoded in a batch's images (see `example`)."""
+  return [int(a) + 256 * int(b) for a, b in zip(batch["image"][:, 0, 0, 0], batch["image"][:, 0, 1, 0])]
