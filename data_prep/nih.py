@@ -1,0 +1,414 @@
+"""Converts NIH ChestX-ray14, as released, into a prepared cxr_jax dataset (splits train/val/test).
+
+    python -m data_prep.nih --src DIR --out DIR --image-size S [--val-fraction F --seed K]
+        [--workers N] [--skip-bad] [--overwrite]
+
+Reads from --src:
+  Data_Entry_2017_v2020.csv, else Data_Entry_2017.csv (trailing comma on every line, ages like
+      `058Y`); the columns read (Image Index, Finding Labels, Patient ID, View Position) are found
+      by header name, so age and `Patient Gender`/`Patient Sex` spellings do not matter.
+  train_val_list.txt, test_list.txt   the official patient-disjoint split; validation is carved
+      from train_val by patient (--val-fraction, --seed).
+  BBox_List_2017.csv (optional)  9-field header, 6-field rows, `Infiltrate`; x, y, w, h in pixels
+      of the source image, normalised here by its actual size.
+  images/ or images_001/images/ ... images_012/images/   the PNGs, written as 8-bit grayscale
+      S x S PNGs (area interpolation) by a pool of --workers processes.
+  phantom_extras/ (optional, written by data_prep.phantom; see docs/architecture.md)  then the
+      boxes are every finding instance of fine_labels.csv (BBox_List_2017.csv is still checked),
+      and records gain fine labels and anatomy maps (resized with NEAREST).
+
+Every bad input (unreadable image, malformed row, unknown label, image in no split or in both,
+patient in both train_val and test, box for an unknown image) stops the conversion with an error
+naming the file and row, and leaves --out as it was; with --skip-bad it is logged, left out and
+listed in cxr_manifest.json instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from cxr_jax.data import labels as labels_lib
+from cxr_jax.data import tfrecord, writer
+from data_prep import common
+from data_prep.common import BadInputError
+
+VERSION = "1.0"
+DATASET_NAME = "nih"
+DATA_ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")  # preferred first
+BBOX_FILE = "BBox_List_2017.csv"
+SPLIT_FILES = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
+EXTRAS_DIR = "phantom_extras"
+DATA_ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
+FINE_LABEL_COLUMNS = ("Image Index", "Finding Label", "Side", "Zone", "x", "y", "w", "h")
+BBOX_WIDTH = 6  # Image Index, Finding Label, x, y, w, h
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One row of Data_Entry: an image, its patient, view and label vector, and its line."""
+
+  image_id: str
+  patient_id: str
+  view: str
+  labels: np.ndarray
+  line: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+  """Where a split list names an image."""
+
+  side: str  # a key of SPLIT_FILES
+  path: str
+  line: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+  """A box in pixels of the source image (x, y = top-left), with its label index."""
+
+  label: int
+  xywh: tuple[float, float, float, float]
+
+
+@dataclasses.dataclass
+class Extras:
+  """What phantom_extras/ adds: fine labels, instance boxes and anatomy maps."""
+
+  fine_label_names: tuple[str, ...]
+  anatomy_names: tuple[str, ...]
+  fine_labels: dict[str, np.ndarray]
+  boxes: dict[str, list[Box]]
+  anatomy_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """An image to write: its row, output split, file, boxes and anatomy label map file."""
+
+  entry: Entry
+  split: str
+  path: str
+  boxes: tuple[Box, ...]
+  label_map_path: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the metadata says to write: the images (by Image Index), the extras, manifest facts."""
+
+  data_entry: str
+  items: list[Item]
+  extras: Extras | None
+  facts: dict
+
+
+def parse_finding_labels(text: str) -> np.ndarray:
+  """The 0/1 label vector (over NIH_LABELS) of a `Finding Labels` cell; ValueError if bad."""
+  names = [name.strip() for name in text.split("|")]
+  vector = np.zeros(len(labels_lib.NIH_LABELS), np.float32)
+  if names == [labels_lib.NO_FINDING]:
+    return vector
+  for name in names:
+    if name == labels_lib.NO_FINDING:
+      raise ValueError(f"'{labels_lib.NO_FINDING}' together with findings in {text!r}")
+    vector[label_index(name)] = 1.0
+  return vector
+
+
+def label_index(name: str) -> int:
+  """Index into NIH_LABELS of a label name or alias (`Infiltrate`); ValueError if unknown."""
+  label = labels_lib.canonical(name)
+  if label not in labels_lib.NIH_LABELS:
+    raise ValueError(f"unknown label {name!r}; known: {', '.join(labels_lib.NIH_LABELS)}")
+  return labels_lib.NIH_LABELS.index(label)
+
+
+def read_data_entry(path: str, bad: common.BadInputs) -> dict[str, Entry]:
+  """The rows of Data_Entry_2017[_v2020].csv by Image Index."""
+  rows = common.read_csv(path)
+  header_line, header = next(rows, (1, []))
+  header = common.strip_trailing_empty(header)
+  column = common.column_index(header, DATA_ENTRY_COLUMNS, path, header_line)
+  entries: dict[str, Entry] = {}
+  for line, fields in rows:
+    image_id = fields[column["Image Index"]] if column["Image Index"] < len(fields) else ""
+    try:
+      entry = _parse_entry(common.fit_fields(fields, len(header)), column, line)
+    except ValueError as e:
+      bad.report(BadInputError(path, line, str(e), image=image_id or None))
+      continue
+    if image_id in entries:
+      bad.report(BadInputError(path, line, f"{image_id} is also at row {entries[image_id].line}",
+                               image=image_id))
+      continue
+    entries[image_id] = entry
+  return entries
+
+
+def _parse_entry(fields: list[str], column: dict[str, int], line: int) -> Entry:
+  image_id, patient_id = fields[column["Image Index"]], fields[column["Patient ID"]]
+  if not image_id or not patient_id:
+    raise ValueError("empty Image Index or Patient ID")
+  return Entry(image_id=image_id, patient_id=patient_id, view=fields[column["View Position"]],
+               labels=parse_finding_labels(fields[column["Finding Labels"]]), line=line)
+
+
+def read_split_lists(src: str, data_entry: str, entries: dict[str, Entry],
+                     bad: common.BadInputs) -> dict[str, Listing]:
+  """Where each image is listed; checks every listed image has a row and every row one listing."""
+  listed: dict[str, Listing] = {}
+  for side, name in SPLIT_FILES.items():
+    path = os.path.join(src, name)
+    with open(path, encoding="utf-8") as f:
+      for line, text in enumerate(f, 1):
+        image_id = text.strip()
+        if not image_id or image_id in bad.dropped:
+          continue
+        if image_id not in entries:
+          bad.report(BadInputError(path, line, f"{image_id} is not in {data_entry}"))
+        elif image_id in listed:
+          first = listed[image_id]
+          bad.report(BadInputError(path, line, f"{image_id} is also listed in {first.path} "
+                                   f"row {first.line}", image=image_id))
+        else:
+          listed[image_id] = Listing(side, path, line)
+  for image_id, entry in entries.items():
+    if image_id not in listed and image_id not in bad.dropped:
+      bad.report(BadInputError(data_entry, entry.line, f"{image_id} is in none of "
+                               f"{', '.join(SPLIT_FILES.values())}", image=image_id))
+  return listed
+
+
+def check_patients(entries: dict[str, Entry], listed: dict[str, Listing],
+                   bad: common.BadInputs) -> None:
+  """A patient with images in both train_val and test is bad; each of its images is reported."""
+  images_of = collections.defaultdict(list)
+  for image_id in sorted(listed):
+    if image_id not in bad.dropped:
+      images_of[entries[image_id].patient_id].append(image_id)
+  for patient, image_ids in sorted(images_of.items()):
+    first = {}  # the first image on each side
+    for image_id in image_ids:
+      first.setdefault(listed[image_id].side, image_id)
+    if len(first) < 2:
+      continue
+    sides = " and ".join(f"{listed[i].path} ({i}, row {listed[i].line})"
+                         for i in (first[side] for side in SPLIT_FILES))
+    for image_id in image_ids:
+      bad.report(BadInputError(listed[image_id].path, listed[image_id].line,
+                               f"patient {patient} has images in both {sides}", image=image_id))
+
+
+def _parse_xywh(texts: Sequence[str]) -> tuple[float, float, float, float]:
+  try:
+    x, y, w, h = (float(t) for t in texts)
+  except ValueError:
+    raise ValueError(f"box x, y, w, h must be numbers, got {list(texts)}") from None
+  if not np.all(np.isfinite([x, y, w, h])) or w < 0 or h < 0:
+    raise ValueError(f"bad box x, y, w, h = {x}, {y}, {w}, {h}")
+  return x, y, w, h
+
+
+def read_bbox_list(path: str, data_entry: str, entries: dict[str, Entry],
+                   bad: common.BadInputs) -> dict[str, list[Box]]:
+  """The boxes of BBox_List_2017.csv by image; its fields are read by position."""
+  boxes = collections.defaultdict(list)
+  for line, fields in common.read_csv(path):
+    if fields[0] == "Image Index":  # the header, which has more fields than the rows
+      continue
+    try:
+      image_id, name, *xywh = common.fit_fields(fields, BBOX_WIDTH)
+      box = Box(label_index(name), _parse_xywh(xywh))
+    except ValueError as e:
+      bad.report(BadInputError(path, line, str(e)))
+      continue
+    if image_id in bad.dropped:
+      continue
+    if image_id not in entries:
+      bad.report(BadInputError(path, line, f"box for {image_id}, which is not in {data_entry}"))
+      continue
+    boxes[image_id].append(box)
+  return boxes
+
+
+def read_extras(src: str, data_entry: str, entries: dict[str, Entry],
+                bad: common.BadInputs) -> Extras | None:
+  """The phantom's extras when <src>/phantom_extras exists, else None."""
+  root = os.path.join(src, EXTRAS_DIR)
+  if not os.path.isdir(root):
+    return None
+  info_path = os.path.join(root, "phantom_info.json")
+  with open(info_path, encoding="utf-8") as f:
+    try:
+      info = json.load(f)
+    except json.JSONDecodeError as e:
+      raise BadInputError(info_path, e.lineno, f"not JSON: {e.msg}") from e
+  if "anatomy_names" not in info:
+    raise BadInputError(info_path, None, "has no anatomy_names")
+  fine_names = tuple(info.get("fine_label_names") or labels_lib.fine_vocabulary())
+  fine_index = {name: i for i, name in enumerate(fine_names)}
+  extras = Extras(fine_label_names=fine_names, anatomy_names=tuple(info["anatomy_names"]),
+                  fine_labels={}, boxes=collections.defaultdict(list),
+                  anatomy_dir=os.path.join(root, "anatomy"))
+  path = os.path.join(root, "fine_labels.csv")
+  rows = common.read_csv(path)
+  header_line, header = next(rows, (1, []))
+  header = common.strip_trailing_empty(header)
+  column = common.column_index(header, FINE_LABEL_COLUMNS, path, header_line)
+  for line, fields in rows:
+    try:
+      fields = common.fit_fields(fields, len(header))
+      image_id, finding, side, zone, *xywh = (fields[column[c]] for c in FINE_LABEL_COLUMNS)
+      box = Box(label_index(finding), _parse_xywh(xywh))
+      fine = labels_lib.fine_label(finding, side, zone)
+      if fine not in fine_index:
+        raise ValueError(f"{fine} is not in the fine-label vocabulary")
+    except ValueError as e:
+      bad.report(BadInputError(path, line, str(e)))
+      continue
+    if image_id in bad.dropped:
+      continue
+    if image_id not in entries:
+      bad.report(BadInputError(path, line, f"finding for {image_id}, which is not in {data_entry}"))
+      continue
+    extras.boxes[image_id].append(box)
+    vector = extras.fine_labels.setdefault(image_id, np.zeros(len(fine_names), np.float32))
+    vector[fine_index[fine]] = 1.0
+  return extras
+
+
+def find_images(src: str) -> dict[str, str]:
+  """Path of every image file by name, from images/ and images_NNN/images/."""
+  shards = sorted(glob.glob(os.path.join(src, "images_*", "images")))
+  folders = [os.path.join(src, "images")] + shards
+  paths: dict[str, str] = {}
+  for folder in folders:
+    if not os.path.isdir(folder):
+      continue
+    for dir_entry in os.scandir(folder):
+      if dir_entry.is_file():
+        if dir_entry.name in paths:
+          raise BadInputError(dir_entry.path, None, f"another image of this name is at "
+                              f"{paths[dir_entry.name]}; keep one of them")
+        paths[dir_entry.name] = dir_entry.path
+  return paths
+
+
+def find_data_entry(src: str) -> str:
+  """The Data_Entry file to read: the v2020 one when both exist."""
+  for name in DATA_ENTRY_FILES:
+    path = os.path.join(src, name)
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(f"none of {', '.join(DATA_ENTRY_FILES)} in {src}")
+
+
+def plan(src: str, bad: common.BadInputs, val_fraction: float, seed: int) -> Plan:
+  """Reads and checks every metadata file, finds the images and assigns the splits."""
+  data_entry = find_data_entry(src)
+  entries = read_data_entry(data_entry, bad)
+  listed = read_split_lists(src, data_entry, entries, bad)
+  check_patients(entries, listed, bad)
+  bbox_path = os.path.join(src, BBOX_FILE)
+  has_bbox = os.path.exists(bbox_path)
+  # Read even when the extras replace its boxes, so that the file is always checked.
+  boxes = read_bbox_list(bbox_path, data_entry, entries, bad) if has_bbox else {}
+  extras = read_extras(src, data_entry, entries, bad)
+  if extras is not None:
+    boxes = extras.boxes
+  image_paths = find_images(src)
+  for image_id in sorted(listed):
+    if image_id not in image_paths and image_id not in bad.dropped:
+      bad.report(BadInputError(data_entry, entries[image_id].line, f"image {image_id} not found in "
+                               f"{src}/images or {src}/images_*/images", image=image_id))
+  kept = [entries[i] for i in sorted(listed) if i not in bad.dropped]
+  val_patients = common.carve_by_patient(
+      (e.patient_id for e in kept if listed[e.image_id].side == "train_val"), val_fraction, seed)
+
+  def split_of(entry):
+    if listed[entry.image_id].side == "test":
+      return "test"
+    return "val" if entry.patient_id in val_patients else "train"
+
+  def label_map_of(entry):
+    return os.path.join(extras.anatomy_dir, entry.image_id) if extras else None
+
+  items = [Item(e, split_of(e), image_paths[e.image_id], tuple(boxes.get(e.image_id, ())),
+                label_map_of(e)) for e in kept]
+  boxes_from = f"{EXTRAS_DIR}/fine_labels.csv" if extras else BBOX_FILE if has_bbox else None
+  facts = dict(data_entry=os.path.basename(data_entry), val_fraction=val_fraction, seed=seed,
+               val_patients=len(val_patients), boxes_from=boxes_from)
+  return Plan(data_entry, items, extras, facts)
+
+
+def make_example(item: Item, result: common.ImageResult,
+                 extras: Extras | None) -> tfrecord.CxrExample:
+  """The record of a prepared image."""
+  entry = item.entry
+  fine_labels = None
+  if extras is not None:
+    fine_labels = extras.fine_labels.get(entry.image_id,
+                                         np.zeros(len(extras.fine_label_names), np.float32))
+  return tfrecord.CxrExample(
+      image=result.png, image_id=entry.image_id, patient_id=entry.patient_id,
+      study_id=os.path.splitext(entry.image_id)[0],  # NIH has no studies: one image, one study
+      view=entry.view, labels=entry.labels,
+      boxes=common.normalise_boxes([b.xywh for b in item.boxes], result.width, result.height),
+      box_labels=np.array([b.label for b in item.boxes], np.int64),
+      fine_labels=fine_labels, anatomy=result.label_map_png)
+
+
+def convert(src: str, out: str, *, image_size: int, val_fraction: float = 0.1, seed: int = 0,
+            workers: int = 1, skip_bad: bool = False, overwrite: bool = False,
+            max_shard_bytes: int = writer.DEFAULT_MAX_SHARD_BYTES) -> dict:
+  """Converts the NIH release in `src` into a prepared dataset in `out`; returns its manifest.
+
+  Raises BadInputError (a ValueError) naming the file and row of the first bad input, leaving
+  `out` untouched, unless skip_bad.
+  """
+  bad = common.BadInputs(skip_bad)
+  todo = plan(src, bad, val_fraction, seed)
+  extras = todo.extras
+  with writer.DatasetWriter(
+      out, DATASET_NAME, label_names=labels_lib.NIH_LABELS, image_size=image_size,
+      converter="data_prep.nih", converter_version=VERSION, source=os.path.abspath(src),
+      fine_label_names=extras.fine_label_names if extras else (),
+      anatomy_names=extras.anatomy_names if extras else (),
+      max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra=todo.facts) as dataset:
+    bad.record_to(dataset)
+    jobs = [common.ImageJob(i.path, image_size, i.label_map_path) for i in todo.items]
+    with common.parallel_map(common.prepare_image, jobs, workers) as results:
+      for item, result in zip(todo.items, common.with_progress(results, len(jobs))):
+        if result.error:
+          bad.report(BadInputError(todo.data_entry, item.entry.line, result.error,
+                                   image=item.entry.image_id))
+          continue
+        dataset.add(item.split, make_example(item, result, extras))
+  return writer.load_manifest(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Command-line entry point."""
+  args = common.argument_parser(__doc__).parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  try:
+    manifest = convert(args.src, args.out, image_size=args.image_size,
+                       val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
+                       skip_bad=args.skip_bad, overwrite=args.overwrite)
+  except (BadInputError, FileExistsError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from e
+  counts = ", ".join(f"{s} {v['num_records']}" for s, v in manifest["splits"].items())
+  print(f"wrote {args.out}: {counts}; skipped {manifest['skipped']['count']} bad inputs")
+
+
+if __name__ == "__main__":
+  main()

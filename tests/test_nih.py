@@ -1,0 +1,324 @@
+"""Tests of data_prep.nih (and the data_prep.common pieces it uses) on small NIH-format folders."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nih_fixtures as fx
+from cxr_jax.data import labels, tfrecord, writer
+from data_prep import common, nih
+from data_prep.common import BadInputError
+
+SIZE = 16
+DATA_ENTRY = "Data_Entry_2017_v2020.csv"
+IMAGE_IDS = sorted(x.image_id for x in fx.IMAGES)
+BY_ID = {x.image_id: x for x in fx.IMAGES}
+
+
+def convert(src, out, **kwargs):
+  return nih.convert(str(src), str(out), image_size=SIZE, workers=1, **kwargs)
+
+
+def read_split(out, split):
+  """The records of a split, in file order."""
+  manifest = writer.load_manifest(out)
+  return [tfrecord.parse(payload)
+          for shard in manifest["splits"][split]["shards"]
+          for _, payload in tfrecord.iter_records(os.path.join(out, shard["file"]))]
+
+
+def read_all(out):
+  return {split: read_split(out, split) for split in writer.load_manifest(out)["splits"]}
+
+
+def decode(png):
+  return Image.open(io.BytesIO(png))
+
+
+def label_vector(findings):
+  names = [] if findings == "No Finding" else findings.split("|")
+  return np.array([float(n in names) for n in labels.NIH_LABELS], np.float32)
+
+
+def count_lines(path):
+  with open(path) as f:
+    return sum(1 for line in f if line.strip())
+
+
+@pytest.fixture
+def src(tmp_path):
+  return fx.write_nih(tmp_path / "src")
+
+
+def test_converts_release_and_round_trips(src, tmp_path):
+  out = tmp_path / "out"
+  manifest = convert(src, out, val_fraction=0.25, seed=0)
+  counts = {s: v["num_records"] for s, v in manifest["splits"].items()}
+  assert counts["train"] + counts["val"] == count_lines(src / "train_val_list.txt") == 8
+  assert counts["test"] == count_lines(src / "test_list.txt") == 3
+  assert sum(counts.values()) == count_lines(src / DATA_ENTRY) - 1
+  assert manifest["skipped"]["count"] == 0
+  assert (manifest["seed"], manifest["val_fraction"], manifest["val_patients"]) == (0, 0.25, 1)
+  assert manifest["boxes_from"] == "BBox_List_2017.csv"
+  assert manifest["fine_label_names"] == manifest["anatomy_names"] == []
+
+  records = read_all(out)
+  for split, examples in records.items():
+    ids = [ex.image_id for ex in examples]
+    assert ids == sorted(ids), split
+  assert sorted(ex.image_id for exs in records.values() for ex in exs) == IMAGE_IDS
+  assert {ex.image_id for ex in records["test"]} == {x.image_id for x in fx.IMAGES
+                                                     if x.side == "test"}
+  val_patients = {ex.patient_id for ex in records["val"]}
+  assert val_patients == common.carve_by_patient(["1", "2", "3", "4"], 0.25, 0)
+  assert not val_patients & {ex.patient_id for ex in records["train"]}
+
+  for ex in (ex for exs in records.values() for ex in exs):
+    xray = BY_ID[ex.image_id]
+    np.testing.assert_array_equal(ex.labels, label_vector(xray.findings))
+    assert (ex.patient_id, ex.study_id, ex.view) == (str(xray.patient), ex.image_id[:-4], xray.view)
+    image = decode(ex.image)
+    assert (image.mode, image.size) == ("L", (SIZE, SIZE))
+    # Flat sources stay flat through 8-bit conversion (RGBA, 16-bit included) and area resizing.
+    np.testing.assert_array_equal(np.asarray(image), xray.value)
+    assert ex.fine_labels is None and ex.anatomy is None
+
+  boxed = {ex.image_id: ex for ex in records["test"]}
+  ex = boxed["00000005_000.png"]  # 40 x 24 pixels; the Mass box runs past the corner
+  np.testing.assert_allclose(ex.boxes, [[0.1, 0.25, 0.3, 0.75], [0.75, 0.5, 1.0, 1.0]])
+  assert [labels.NIH_LABELS[i] for i in ex.box_labels] == ["Infiltration", "Mass"]
+  np.testing.assert_allclose(boxed["00000006_000.png"].boxes, [[0.0, 0.0, 0.5, 0.25]])
+  assert len(boxed["00000005_001.png"].boxes) == 0
+
+
+def test_tfds_reads_the_split_counts(src, tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "out"
+  manifest = convert(src, out, val_fraction=0.25, max_shard_bytes=1000)
+  assert len(manifest["splits"]["train"]["shards"]) > 1
+  splits = tfds.builder_from_directory(str(out)).info.splits
+  assert {name: splits[name].num_examples for name in splits} == {
+      s: v["num_records"] for s, v in manifest["splits"].items()}
+
+
+def test_original_2017_file_and_sharded_image_folders(src, tmp_path):
+  old = fx.write_nih(tmp_path / "old", variant="2017", gender_column="Patient Sex",
+                     layout="sharded")
+  data_entry = (old / "Data_Entry_2017.csv").read_text().splitlines()
+  assert all(line.endswith(",") for line in data_entry) and "041Y" in data_entry[1]
+  assert (old / "images_002" / "images" / "00000001_001.png").exists()
+  convert(src, tmp_path / "new_out")
+  convert(old, tmp_path / "old_out")
+  for split, examples in read_all(tmp_path / "new_out").items():
+    old_examples = read_split(tmp_path / "old_out", split)
+    assert [ex.image_id for ex in old_examples] == [ex.image_id for ex in examples]
+    for a, b in zip(examples, old_examples):
+      assert a.image == b.image and a.patient_id == b.patient_id
+      np.testing.assert_array_equal(a.labels, b.labels)
+      np.testing.assert_array_equal(a.boxes, b.boxes)
+
+
+def test_prefers_the_v2020_file(src, tmp_path):
+  (src / "Data_Entry_2017.csv").write_text("not, the file, to read\n")
+  assert convert(src, tmp_path / "out")["data_entry"] == DATA_ENTRY
+
+
+def test_val_carve_is_seeded_and_by_patient(src, tmp_path):
+  patients = ["1", "2", "3", "4"]
+  seed = next(s for s in range(1, 50) if common.carve_by_patient(patients, 0.25, s)
+              != common.carve_by_patient(patients, 0.25, 0))
+  val = {}
+  for name, s in (("a", 0), ("b", 0), ("c", seed)):
+    convert(src, tmp_path / name, val_fraction=0.25, seed=s)
+    val[name] = [ex.image_id for ex in read_split(tmp_path / name, "val")]
+  assert val["a"] == val["b"] and val["a"] != val["c"]
+
+
+def test_carve_by_patient():
+  patients = [str(p) for p in range(50)]
+  val = common.carve_by_patient(patients, 0.1, seed=7)
+  assert len(val) == 5 and val <= set(patients)
+  assert common.carve_by_patient(reversed(patients * 2), 0.1, seed=7) == val
+  assert common.carve_by_patient(patients, 0.1, seed=8) != val
+  assert common.carve_by_patient(patients, 0.0, seed=7) == frozenset()
+  assert len(common.carve_by_patient(["1", "2"], 0.01, seed=0)) == 1  # never an empty val ...
+  assert len(common.carve_by_patient(["1", "2"], 0.9, seed=0)) == 1  # ... nor an empty train
+  with pytest.raises(ValueError, match="fraction"):
+    common.carve_by_patient(patients, 1.0, seed=0)
+
+
+def _remove(path):
+  os.remove(path)
+
+
+def _write_bytes(path, data):
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def _move_to_test(src, image_id):
+  fx.edit(src / "train_val_list.txt", image_id + "\n", "")
+  fx.append_line(src / "test_list.txt", image_id)
+
+
+# name: (breaks the source, file and row expected in the error, message part, images left out)
+BAD_INPUTS = {
+    "missing image": (
+        lambda s: _remove(s / "images" / "00000002_001.png"),
+        DATA_ENTRY, "00000002_001.png", "not found", {"00000002_001.png"}),
+    "corrupt image": (
+        lambda s: _write_bytes(s / "images" / "00000004_000.png", b"\x89PNG\r\n\x1a\nbroken"),
+        DATA_ENTRY, "00000004_000.png", "cannot read image", {"00000004_000.png"}),
+    "empty image": (
+        lambda s: _write_bytes(s / "images" / "00000005_001.png", b""),
+        DATA_ENTRY, "00000005_001.png", "cannot read image", {"00000005_001.png"}),
+    "malformed row": (
+        lambda s: fx.edit(s / DATA_ENTRY, "00000003_000.png,Mass|Nodule|Pleural_Thickening,0,3,",
+                          "00000003_000.png,Mass|Nodule|Pleural_Thickening,0,"),
+        DATA_ENTRY, "00000003_000.png", "malformed row", {"00000003_000.png"}),
+    "unknown label": (
+        lambda s: fx.edit(s / DATA_ENTRY, "Hernia", "Herniation"),
+        DATA_ENTRY, "00000004_000.png", "unknown label 'Herniation'", {"00000004_000.png"}),
+    "No Finding with a finding": (
+        lambda s: fx.edit(s / DATA_ENTRY, "00000004_001.png,No Finding",
+                          "00000004_001.png,No Finding|Mass"),
+        DATA_ENTRY, "00000004_001.png", "'No Finding' together with findings",
+        {"00000004_001.png"}),
+    "image in no split": (
+        lambda s: fx.edit(s / "train_val_list.txt", "00000001_002.png\n", ""),
+        DATA_ENTRY, "00000001_002.png", "is in none of", {"00000001_002.png"}),
+    "image in both splits": (
+        lambda s: fx.append_line(s / "test_list.txt", "00000004_001.png"),
+        "test_list.txt", "00000004_001.png", "also listed in", {"00000004_001.png"}),
+    "list entry not in Data_Entry": (
+        lambda s: fx.append_line(s / "test_list.txt", "00000099_000.png"),
+        "test_list.txt", "00000099_000.png", "is not in", set()),
+    "patient in train_val and test": (
+        lambda s: _move_to_test(s, "00000002_001.png"),
+        "train_val_list.txt", "00000002_000.png", "patient 2 has images in both",
+        {"00000002_000.png", "00000002_001.png"}),
+    "box for an unknown image": (
+        lambda s: fx.append_line(s / "BBox_List_2017.csv", "00000099_000.png,Mass,1,2,3,4"),
+        "BBox_List_2017.csv", "00000099_000.png", "not in", set()),
+    "box with an unknown label": (
+        lambda s: fx.append_line(s / "BBox_List_2017.csv", "00000006_000.png,Tumor,1,2,3,4"),
+        "BBox_List_2017.csv", "Tumor", "unknown label", set()),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_with_file_and_row(src, tmp_path, case):
+  breaks, file, row_text, reason, _ = BAD_INPUTS[case]
+  breaks(src)
+  row = fx.line_of(src / file, row_text)
+  with pytest.raises(BadInputError) as error:
+    convert(src, tmp_path / "out")
+  assert (os.path.basename(error.value.file), error.value.row) == (file, row)
+  assert f"{src / file}, row {row}: " in str(error.value) and reason in str(error.value)
+  assert os.listdir(tmp_path) == ["src"]  # neither the dataset nor a partial folder
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_skip_bad_skips_and_counts(src, tmp_path, case):
+  breaks, file, row_text, reason, left_out = BAD_INPUTS[case]
+  breaks(src)
+  row = fx.line_of(src / file, row_text)
+  manifest = convert(src, tmp_path / "out", skip_bad=True)
+  skipped = manifest["skipped"]
+  assert skipped["count"] == len(skipped["items"]) == max(len(left_out), 1)
+  first = skipped["items"][0]
+  assert (os.path.basename(first["file"]), first["row"]) == (file, row)
+  assert reason in first["reason"]
+  assert {item.get("image") for item in skipped["items"]} - {None} == left_out
+  written = sorted(ex.image_id for exs in read_all(tmp_path / "out").values() for ex in exs)
+  assert written == sorted(set(IMAGE_IDS) - left_out)
+  assert sum(v["num_records"] for v in manifest["splits"].values()) == len(written)
+
+
+def test_phantom_extras_give_fine_labels_anatomy_and_instance_boxes(tmp_path):
+  src = fx.write_nih(tmp_path / "src", extras=True)
+  manifest = convert(src, tmp_path / "out")
+  vocabulary = labels.fine_vocabulary()
+  assert manifest["fine_label_names"] == list(vocabulary)
+  assert manifest["anatomy_names"] == list(fx.ANATOMY_NAMES)
+  assert manifest["boxes_from"] == "phantom_extras/fine_labels.csv"
+  examples = {ex.image_id: ex for exs in read_all(tmp_path / "out").values() for ex in exs}
+  ex = examples["00000001_001.png"]  # a training image: boxes come with the extras only
+  assert sorted(vocabulary[i] for i in np.flatnonzero(ex.fine_labels)) == [
+      "Effusion|left|lower", "Effusion|right|lower", "Infiltration|left|upper"]
+  assert [labels.NIH_LABELS[i] for i in ex.box_labels] == ["Effusion", "Infiltration", "Effusion"]
+  np.testing.assert_allclose(ex.boxes[0], [2 / 32, 20 / 32, 12 / 32, 28 / 32])
+  # The extras replace BBox_List's boxes (00000005_000 has two there, one instance here).
+  assert [labels.NIH_LABELS[i] for i in examples["00000005_000.png"].box_labels] == ["Mass"]
+  assert not examples["00000004_000.png"].fine_labels.any()
+  for ex in examples.values():
+    anatomy = np.asarray(decode(ex.anatomy))
+    assert anatomy.shape == (SIZE, SIZE)
+    np.testing.assert_array_equal(anatomy, fx.anatomy_map((SIZE, SIZE)))
+
+
+def test_bad_extras_name_file_and_row(tmp_path):
+  src = fx.write_nih(tmp_path / "src", extras=True)
+  fine_labels = src / "phantom_extras" / "fine_labels.csv"
+  fx.edit(fine_labels, "Mass,left,middle", "Mass,center,middle")
+  with pytest.raises(BadInputError, match=f"{fine_labels}, row 5: bad location"):
+    convert(src, tmp_path / "bad_row")
+  fx.edit(fine_labels, "Mass,center,middle", "Mass,left,middle")
+  os.remove(src / "phantom_extras" / "anatomy" / "00000004_001.png")
+  row = fx.line_of(src / DATA_ENTRY, "00000004_001.png")
+  with pytest.raises(BadInputError, match=f"{DATA_ENTRY}, row {row}: cannot read label map"):
+    convert(src, tmp_path / "no_map")
+  assert os.listdir(tmp_path) == ["src"]
+
+
+def test_image_conversion_to_8_bit_gray():
+  sixteen = Image.fromarray(np.array([[0, 257 * 100], [65535, 257 * 7]], np.uint16))
+  np.testing.assert_array_equal(np.asarray(common.to_gray8(sixteen)), [[0, 100], [255, 7]])
+  rgba = Image.fromarray(np.full((2, 2, 4), 90, np.uint8), "RGBA")
+  np.testing.assert_array_equal(np.asarray(common.to_gray8(rgba)), 90)
+  blocks = Image.fromarray(np.kron([[0, 100], [200, 40]], np.ones((3, 3))).astype(np.uint8), "L")
+  np.testing.assert_array_equal(np.asarray(common.resize_area(blocks, 2)), [[0, 100], [200, 40]])
+
+
+def test_prepare_image_reports_unreadable_files(tmp_path):
+  result = common.prepare_image(common.ImageJob(str(tmp_path / "absent.png"), SIZE))
+  assert result.png == b"" and "absent.png" in result.error
+
+
+def test_refuses_a_non_empty_out_unless_overwrite(src, tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  with pytest.raises(FileExistsError):
+    convert(src, out)
+  assert (out / "keep.txt").exists()
+  convert(src, out, overwrite=True)
+  assert sorted(os.listdir(out))[:2] == ["cxr_manifest.json", "dataset_info.json"]
+
+
+def test_command_line(src, tmp_path):
+  out = tmp_path / "out"
+  command = [sys.executable, "-m", "data_prep.nih", "--src", str(src), "--out", str(out),
+             "--image-size", str(SIZE), "--val-fraction", "0.25", "--seed", "3", "--workers", "2"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  manifest = json.loads((out / "cxr_manifest.json").read_text())
+  assert manifest["seed"] == 3 and sum(v["num_records"] for v in manifest["splits"].values()) == 11
+  assert [ex.image_id for ex in read_split(out, "test")] == [
+      "00000005_000.png", "00000005_001.png", "00000006_000.png"]
+  # A bad image stops the workers; the previous dataset stays, and no partial folder is left.
+  _write_bytes(src / "images" / "00000004_000.png", b"")
+  done = subprocess.run(command + ["--overwrite"], cwd=root, capture_output=True, text=True,
+                        check=False)
+  assert done.returncode != 0
+  row = fx.line_of(src / DATA_ENTRY, "00000004_000.png")
+  assert f"{src / DATA_ENTRY}, row {row}: cannot read image" in done.stderr
+  assert json.loads((out / "cxr_manifest.json").read_text()) == manifest
+  assert sorted(os.listdir(tmp_path)) == ["out", "src"]
