@@ -91,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start + 1, config.train.steps + 1):
       device_batch, _ = pipeline.host_fields(next(data_iter))
       state, train_metrics = train_step(state, parallel.to_global(device_batch, run.mesh))
-      final = step == config.train.steps or stop.requested
+      final = step == config.train.steps or stop.requested  # one snapshot: signals are async
       if step % config.train.log_every == 0 or final:
         last["train"] = log_train(log, progress, step, train_metrics, run.schedule, ckpt)
       val = None
@@ -108,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   metrics={checkpoint.BEST_METRIC: val["val_mean_auc"]} if ranked else None)
       if val is not None:
         progress.restart(step)  # throughput counts training time only
-      if stop.requested:
+      if final and step < config.train.steps:
         logging.warning("stopped at step %d; the same command resumes the run", step)
         break
   finally:

@@ -1,0 +1,168 @@
+"""The grain pipeline: order, sharding over processes, resume, eval padding, augmentation, labels."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import datasets
+from cxr_jax.data import augment, labels, pipeline, records, tfrecord, writer
+
+NO_AUGMENT = dict(rotate_deg=0.0, scale=(1.0, 1.0), translate=0.0, brightness=0.0, contrast=0.0,
+                  hflip=False)
+
+
+def data_config(**changes):
+  config = dict(image_size=32, uncertainty="ignore", uncertainty_per_label="", load_anatomy=True,
+                max_boxes=4, augment=dict(NO_AUGMENT))
+  config.update(changes)
+  return config
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return datasets.write(tmp_path_factory.mktemp("data") / "ds", {"train": 24, "val": 11})
+
+
+def spec(dataset, train=True, **changes):
+  return pipeline.make_spec(data_config(**changes), writer.load_manifest(dataset), train=train)
+
+
+def train_ids(dataset, *, seed, steps, global_batch=8, process_index=0, process_count=1):
+  ds = pipeline.train_dataset(records.split_source(dataset, "train"), spec(dataset),
+                              global_batch=global_batch, seed=seed, process_index=process_index,
+                              process_count=process_count)
+  it = pipeline.to_iterator(ds)
+  return [datasets.record_ids(next(it)) for _ in range(steps)]
+
+
+def test_seed_fixes_the_order(dataset):
+  first = train_ids(dataset, seed=1, steps=6)
+  assert first == train_ids(dataset, seed=1, steps=6)
+  assert first != train_ids(dataset, seed=2, steps=6)
+  epochs = [sum(first[:3], []), sum(first[3:], [])]  # 24 records = 3 batches of 8 per epoch
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(24))
+  assert epochs[0] != epochs[1]  # reshuffled each epoch
+
+
+def test_processes_split_each_global_batch(dataset):
+  """Two processes together read every record once per epoch, and their halves of each global
+  batch are exactly the single-process batch."""
+  single = train_ids(dataset, seed=3, steps=6)
+  halves = [train_ids(dataset, seed=3, steps=6, process_index=p, process_count=2) for p in (0, 1)]
+  for step in range(6):
+    assert len(halves[0][step]) == len(halves[1][step]) == 4
+    assert sorted(halves[0][step] + halves[1][step]) == sorted(single[step])
+  for epoch in (slice(0, 3), slice(3, 6)):
+    seen = sum(halves[0][epoch] + halves[1][epoch], [])
+    assert sorted(seen) == list(range(24))
+
+
+def test_epoch_drops_only_the_remainder(dataset):
+  steps = train_ids(dataset, seed=0, steps=2, global_batch=10)  # 24 records: 2 batches of 10
+  assert len(set(sum(steps, []))) == 20
+
+
+def test_restored_iterator_continues_the_stream(dataset):
+  ds = pipeline.train_dataset(records.split_source(dataset, "train"),
+                              spec(dataset, augment=dict(NO_AUGMENT, rotate_deg=10.0)),
+                              global_batch=8, seed=5)
+  it = pipeline.to_iterator(ds)
+  for _ in range(4):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  resumed = pipeline.to_iterator(ds)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["image"], want["image"])  # same augmentation too
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+
+
+def test_worker_processes_give_the_same_stream(dataset):
+  ds = pipeline.train_dataset(records.split_source(dataset, "train"),
+                              spec(dataset, augment=dict(NO_AUGMENT, rotate_deg=10.0)),
+                              global_batch=8, seed=5)
+  inline = pipeline.to_iterator(ds)
+  workers = pipeline.to_iterator(ds, worker_count=2)
+  for _ in range(4):
+    np.testing.assert_array_equal(next(workers)["image"], next(inline)["image"])
+  workers.close()
+
+
+def test_eval_padding_counts_each_example_once(dataset):
+  source = records.split_source(dataset, "val")  # 11 records
+  seen, batches = [], []
+  for process in range(2):
+    ds = pipeline.eval_dataset(source, spec(dataset, train=False), global_batch=4,
+                               process_index=process, process_count=2)
+    out = list(pipeline.to_iterator(ds))
+    batches.append(len(out))
+    for batch in out:
+      valid = batch["valid"] > 0
+      assert np.all(batch["index"][valid] >= 0) and np.all(batch["index"][~valid] == -1)
+      seen += [i - 24 for i, v in zip(datasets.record_ids(batch), valid) if v]
+  assert batches[0] == batches[1] == 3  # ceil(ceil(11 / 2) / 2)
+  assert sorted(seen) == list(range(11))
+
+
+def test_uncertainty_policies():
+  raw = np.array([1, 0, -1, np.nan, -1, -1], np.float32)
+  names = ["a", "b", "c", "d", "e", "f"]
+  codes = labels.resolve_policies(names, "ignore", labels.parse_policy_overrides("e=zeros,f=ones"))
+  targets, mask = labels.apply_policy(raw, codes)
+  np.testing.assert_array_equal(targets, [1, 0, 0, 0, 0, 1])
+  np.testing.assert_array_equal(mask, [1, 1, 0, 0, 1, 1])
+  with pytest.raises(ValueError, match="unknown labels"):
+    labels.resolve_policies(names, "ignore", {"Edema": "ones"})
+  with pytest.raises(ValueError, match="LABEL=POLICY"):
+    labels.parse_policy_overrides("Edema:ones")
+
+
+def test_flip_swaps_patient_sides(dataset):
+  flip = spec(dataset, augment=dict(NO_AUGMENT, hflip=True))
+  payload = records.split_source(dataset, "train")[0]
+  plain = pipeline.make_example(payload, spec(dataset, train=False))
+  fine = labels.fine_vocabulary()
+  for seed in range(8):  # hflip happens with probability 1/2
+    ex = pipeline.make_example(payload, flip, np.random.default_rng(seed))
+    if not np.array_equal(ex["image"], plain["image"]):
+      break
+  np.testing.assert_array_equal(ex["image"], plain["image"][:, ::-1])
+  assert ex["fine_labels"][fine.index("Nodule|right|lower")] == 1
+  assert ex["fine_labels"][fine.index("Nodule|left|lower")] == 0
+  # The flipped film shows a mirrored patient: the lung on the viewer's left (pixels that held the
+  # left lung) is that patient's right lung again, so the ids are swapped with the pixels.
+  assert set(np.unique(plain["anatomy"][:, 16:])) == {3}
+  assert set(np.unique(ex["anatomy"][:, :16])) == {2}
+  np.testing.assert_allclose(ex["boxes"][0], [0.1, 0.6, 0.4, 0.8], atol=1e-6)
+
+
+def test_boxes_follow_the_warp():
+  rng = np.random.default_rng(0)
+  image = np.zeros((64, 64), np.uint8)
+  image[10:30, 35:55] = 255  # rows y 10..29, columns x 35..54
+  box = np.array([[35 / 64, 10 / 64, 55 / 64, 30 / 64]])
+  params = augment.AugmentParams(rotate_deg=15, scale=(0.8, 1.2), translate=0.1)
+  for _ in range(5):
+    a, t, _ = augment.sample_transform(rng, params)
+    warped = augment.warp(image, a, t, 48, nearest=True)
+    ys, xs = np.nonzero(warped > 127)
+    got, keep = augment.warp_boxes(box, a, t)
+    assert keep[0]
+    want = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / 48
+    np.testing.assert_allclose(got[0], want, atol=2.5 / 48)
+
+
+def test_too_many_boxes_is_an_error(dataset):
+  payload = records.split_source(dataset, "train")[0]
+  with pytest.raises(ValueError, match="max_boxes"):
+    pipeline.make_example(payload, dataclasses.replace(spec(dataset, train=False), max_boxes=0))
+
+
+def test_corrupt_image_names_the_record(dataset):
+  ex = tfrecord.parse(records.split_source(dataset, "train")[0])
+  ex.image = ex.image[:40]
+  with pytest.raises(ValueError, match="00000000_000.png"):
+    pipeline.make_example(tfrecord.serialize(ex), spec(dataset, train=False))
