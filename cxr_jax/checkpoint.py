@@ -1,9 +1,13 @@
-"""Orbax checkpoints of the train state together with the grain data iterator.
+"""Orbax checkpoints of the train state together with the data stream's position.
 
 `<workdir>/checkpoints/<step>/` holds `state/` (params, batch_stats, optimizer state, step, rng)
-and `data_iter/` (one JSON per process). Kept: the latest `keep` checkpoints plus the `keep_best`
-best by validation mean AUC. Restoring takes an abstract state carrying the *current* mesh's
-shardings, so a checkpoint written by any number of devices or processes restores on any other.
+and `data/` (JSON: the index of the next global batch, the data seed and global batch size).
+The training stream is a pure function of (seed, global batch index) whatever the number of
+processes or workers (`cxr_jax.data.pipeline`), so that index is the whole iterator state, and
+unlike grain's per-process iterator files it restores on any number of processes.
+Kept: the latest `keep` checkpoints plus the `keep_best` best by validation mean AUC. Restoring
+takes an abstract state carrying the *current* mesh's shardings, so a checkpoint written by any
+number of devices or processes restores on any other.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -53,18 +56,18 @@ class Checkpointer:
                               f"available steps: {sorted(steps)}")
     return step
 
-  def save(self, step: int, state: Any, data_iter: Any, metrics: dict[str, float] | None = None) -> None:
+  def save(self, step: int, state: Any, data_position: dict[str, Any],
+           metrics: dict[str, float] | None = None) -> None:
     """Saves asynchronously; `metrics` (with the validation mean AUC) rank the best checkpoints."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data_iter=grain.checkpoint.CheckpointSave(data_iter))
+                              data=ocp.args.JsonSave(data_position))
     self.manager.save(step, args=args, metrics=metrics, force=True)
 
-  def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
-    """Restores the state (onto `abstract_state`'s shardings) and, if given, the iterator in place."""
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iter is not None:
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores (state onto `abstract_state`'s shardings, data position)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

@@ -76,12 +76,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                  keep_best=config.checkpoint.keep_best)
-  data_iter = pipeline.to_iterator(train_ds, worker_count=config.data.worker_count,
-                                   prefetch=config.data.prefetch)
   start = ckpt.latest_step() or 0
   if start:
-    state = ckpt.restore(start, checkpoint.abstract(state), data_iter)
+    state, position = ckpt.restore(start, checkpoint.abstract(state))
+    check_stream(position, config)
     logging.info("resumed from step %d in %s", start, ckpt.directory)
+  data_iter = pipeline.to_iterator(train_ds[start:], worker_count=config.data.worker_count,
+                                   prefetch=config.data.prefetch)
 
   log = writers.MetricWriter(workdir, enabled=parallel.is_main_process())
   progress = writers.Progress(config.train.steps, config.train.global_batch, start)
@@ -104,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % config.checkpoint.every == 0 or final:
         check_finite(float(jax.device_get(train_metrics["loss"])), step, ckpt)
         ranked = val is not None and np.isfinite(val["val_mean_auc"])
-        ckpt.save(step, state, data_iter,
+        ckpt.save(step, state, stream_position(step, config),
                   metrics={checkpoint.BEST_METRIC: val["val_mean_auc"]} if ranked else None)
       if val is not None:
         progress.restart(step)  # throughput counts training time only
@@ -117,6 +118,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.close()
     data_iter.close()
   return last
+
+
+def stream_position(step: int, config) -> dict[str, Any]:
+  """The data iterator's state after `step` steps: the next global batch of the seeded stream."""
+  return dict(next_batch=step, seed=config.seed, global_batch=config.train.global_batch,
+              train_split=config.data.train_split, data_dir=os.path.abspath(config.data.dir))
+
+
+def check_stream(position: dict[str, Any], config) -> None:
+  """Refuses to resume a data stream that the config no longer describes."""
+  current = stream_position(position["next_batch"], config)
+  changed = {k: (position[k], current[k]) for k in ("seed", "global_batch", "train_split")
+             if position[k] != current[k]}
+  if changed:
+    raise ValueError(f"cannot resume: the checkpoint's data stream differs in {changed} "
+                     "(saved, now); use a new workdir or restore these settings")
 
 
 def val_scalars(report: dict[str, Any]) -> dict[str, float]:
