@@ -52,13 +52,13 @@ def init_variables(model: nn.Module, config: Mapping[str, Any], rng: jax.Array,
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def _state_initializer(model, tx, config, example_batch, method, variables):
-  def init(rng):
+def _state_initializer(model, tx, config, example_batch, method):
+  def init(rng, variables):
     init_rng, state_rng = jax.random.split(rng)
-    v = variables if variables is not None else init_variables(
-        model, config, init_rng, example_batch, method)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=v["params"],
-                      batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]),
+    if variables is None:
+      variables = init_variables(model, config, init_rng, example_batch, method)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
                       rng=state_rng)
   return init
 
@@ -67,16 +67,18 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, config: Map
                  mesh: jax.sharding.Mesh, example_batch: Mapping[str, Any],
                  method: ModuleType, variables: Mapping[str, Any] | None = None) -> TrainState:
   """A fresh train state, born replicated on the mesh (from `variables` when given)."""
-  init = _state_initializer(model, tx, config, example_batch, method, variables)
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config["seed"]))
+  init = _state_initializer(model, tx, config, example_batch, method)
+  # `variables` is an argument, not a closure: imported weights must not become jit constants.
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(
+      jax.random.PRNGKey(config["seed"]), variables)
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, config: Mapping[str, Any],
                    mesh: jax.sharding.Mesh, example_batch: Mapping[str, Any],
                    method: ModuleType) -> TrainState:
   """The state's shapes, dtypes and (replicated) shardings, without computing it: a restore target."""
-  init = _state_initializer(model, tx, config, example_batch, method, None)
-  shapes = jax.eval_shape(init, jax.random.PRNGKey(config["seed"]))
+  init = _state_initializer(model, tx, config, example_batch, method)
+  shapes = jax.eval_shape(init, jax.random.PRNGKey(config["seed"]), None)
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 

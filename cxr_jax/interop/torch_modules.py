@@ -1,0 +1,219 @@
+"""Plain-PyTorch mirrors of every cxr_jax model, built from the same config (torch only).
+
+The backbones use torchvision's exact module names (`features.denseblock1.denselayer1.norm1`,
+`layer1.0.conv1`), so their state_dicts also load into torchvision; the baseline *is* torchvision's
+classifier layout (`features.*` + `classifier.*`, or `conv1...` + `fc.*`). Like the flax models,
+`forward` takes NCHW images and returns a dict: the backbones `{"C2".."C5"}`, the methods
+`{"logits", "pooled", "features"}`. `cxr_jax.interop.convert` moves weights between the two.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from cxr_jax import backbones
+from cxr_jax.backbones import densenet as flax_densenet
+from cxr_jax.backbones import resnet as flax_resnet
+
+
+class _DenseLayer(nn.Module):
+  """norm1-relu1-conv1 (1x1)-norm2-relu2-conv2 (3x3); returns only the new features."""
+
+  def __init__(self, in_features: int, growth_rate: int, bn_size: int):
+    super().__init__()
+    self.norm1 = nn.BatchNorm2d(in_features)
+    self.relu1 = nn.ReLU()
+    self.conv1 = nn.Conv2d(in_features, bn_size * growth_rate, 1, bias=False)
+    self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+    self.relu2 = nn.ReLU()
+    self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, bias=False)
+
+  def forward(self, x):
+    return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+
+
+class _DenseBlock(nn.ModuleDict):
+  """Dense layers `denselayer1..n`, each fed the concatenation of everything before it."""
+
+  def __init__(self, num_layers: int, in_features: int, growth_rate: int, bn_size: int):
+    super().__init__({f"denselayer{i + 1}": _DenseLayer(in_features + i * growth_rate, growth_rate, bn_size)
+                      for i in range(num_layers)})
+
+  def forward(self, x):
+    for layer in self.values():
+      x = torch.cat([x, layer(x)], dim=1)
+    return x
+
+
+class _Transition(nn.Sequential):
+  """norm-relu-conv (1x1)-pool (2x2 average)."""
+
+  def __init__(self, in_features: int, out_features: int):
+    super().__init__(collections.OrderedDict(
+        norm=nn.BatchNorm2d(in_features), relu=nn.ReLU(),
+        conv=nn.Conv2d(in_features, out_features, 1, bias=False), pool=nn.AvgPool2d(2, 2)))
+
+
+class DenseNet(nn.Module):
+  """torchvision's DenseNet `features`; forward returns C2..C5 like `cxr_jax.backbones.DenseNet`."""
+
+  def __init__(self, growth_rate: int = 32, block_config: tuple[int, ...] = (6, 12, 24, 16),
+               num_init_features: int = 64, bn_size: int = 4, in_channels: int = 3):
+    super().__init__()
+    layers = collections.OrderedDict(
+        conv0=nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False),
+        norm0=nn.BatchNorm2d(num_init_features), relu0=nn.ReLU(), pool0=nn.MaxPool2d(3, 2, padding=1))
+    channels = num_init_features
+    for i, num_layers in enumerate(block_config):
+      layers[f"denseblock{i + 1}"] = _DenseBlock(num_layers, channels, growth_rate, bn_size)
+      channels += num_layers * growth_rate
+      if i < len(block_config) - 1:
+        layers[f"transition{i + 1}"] = _Transition(channels, channels // 2)
+        channels //= 2
+    layers["norm5"] = nn.BatchNorm2d(channels)
+    self.features = nn.Sequential(layers)
+    self.num_blocks = len(block_config)
+    self.out_channels = channels
+
+  def forward(self, x) -> dict[str, torch.Tensor]:
+    f = self.features
+    x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
+    stages = {}
+    for i in range(1, self.num_blocks + 1):
+      x = f.get_submodule(f"denseblock{i}")(x)
+      if i < self.num_blocks:
+        stages[f"C{i + 1}"] = x
+        x = f.get_submodule(f"transition{i}")(x)
+    stages[f"C{self.num_blocks + 1}"] = F.relu(f.norm5(x))
+    return stages
+
+
+class _Block(nn.Module):
+  """torchvision's BasicBlock or Bottleneck, dilated like `cxr_jax.backbones.resnet`."""
+
+  def __init__(self, kind: str, in_features: int, width: int, stride: int, dilation: int):
+    super().__init__()
+    out_features = width * flax_resnet.EXPANSION[kind]
+    if kind == "basic":
+      convs = ((in_features, width, 3, stride), (width, out_features, 3, 1))
+    else:
+      convs = ((in_features, width, 1, 1), (width, width, 3, stride), (width, out_features, 1, 1))
+    for i, (cin, cout, kernel, s) in enumerate(convs, start=1):
+      d = dilation if kernel == 3 else 1
+      setattr(self, f"conv{i}", nn.Conv2d(cin, cout, kernel, stride=s, padding=d * (kernel // 2), dilation=d,
+                                          bias=False))
+      setattr(self, f"bn{i}", nn.BatchNorm2d(cout))
+    self.num_convs = len(convs)
+    self.relu = nn.ReLU()
+    self.downsample = None
+    if stride != 1 or in_features != out_features:
+      self.downsample = nn.Sequential(nn.Conv2d(in_features, out_features, 1, stride=stride, bias=False),
+                                      nn.BatchNorm2d(out_features))
+
+  def forward(self, x):
+    y = x
+    for i in range(1, self.num_convs + 1):
+      y = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(y))
+      if i < self.num_convs:
+        y = self.relu(y)
+    return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+  """torchvision's ResNet without `fc`; forward returns C2..C5 like `cxr_jax.backbones.ResNet`."""
+
+  def __init__(self, stage_sizes: tuple[int, ...] = (3, 4, 6, 3), block: str = "bottleneck",
+               output_stride: int = 32, in_channels: int = 3):
+    super().__init__()
+    self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    self.bn1 = nn.BatchNorm2d(64)
+    self.relu = nn.ReLU()
+    self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+    channels = 64
+    geometry = flax_resnet.STAGE_GEOMETRY[output_stride]
+    for i, (num_blocks, (stride, dilation)) in enumerate(zip(stage_sizes, geometry)):
+      width = 64 * 2**i
+      blocks = []
+      for j in range(num_blocks):
+        blocks.append(_Block(block, channels, width, stride if j == 0 else 1, dilation))
+        channels = width * flax_resnet.EXPANSION[block]
+      setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+    self.num_stages = len(stage_sizes)
+    self.out_channels = channels
+
+  def forward(self, x) -> dict[str, torch.Tensor]:
+    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    stages = {}
+    for i in range(1, self.num_stages + 1):
+      x = getattr(self, f"layer{i}")(x)
+      stages[f"C{i + 1}"] = x
+    return stages
+
+
+def _classify(stages: dict[str, torch.Tensor], dropout: nn.Module, head: nn.Module) -> dict[str, Any]:
+  """The baseline's head: global average pool of C5 -> dropout -> linear."""
+  pooled = stages["C5"].mean(dim=(2, 3))
+  return {"logits": head(dropout(pooled)), "pooled": pooled, "features": stages}
+
+
+class DenseNetBaseline(DenseNet):
+  """torchvision's `densenet*(num_classes=K)` layout: `features.*` + `classifier.*`."""
+
+  def __init__(self, num_classes: int, dropout: float = 0.0, **backbone):
+    super().__init__(**backbone)
+    self.dropout = nn.Dropout(dropout)
+    self.classifier = nn.Linear(self.out_channels, num_classes)
+
+  def forward(self, x) -> dict[str, Any]:
+    return _classify(super().forward(x), self.dropout, self.classifier)
+
+
+class ResNetBaseline(ResNet):
+  """torchvision's `resnet*(num_classes=K)` layout: `conv1...layer4.*` + `fc.*`."""
+
+  def __init__(self, num_classes: int, dropout: float = 0.0, **backbone):
+    super().__init__(**backbone)
+    self.dropout = nn.Dropout(dropout)
+    self.fc = nn.Linear(self.out_channels, num_classes)
+
+  def forward(self, x) -> dict[str, Any]:
+    return _classify(super().forward(x), self.dropout, self.fc)
+
+
+_BACKBONES = {flax_densenet.DenseNet: DenseNet, flax_resnet.ResNet: ResNet}
+_BASELINES = {flax_densenet.DenseNet: DenseNetBaseline, flax_resnet.ResNet: ResNetBaseline}
+
+
+def _resolve(backbone_cfg: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+  """The flax backbone class and the fields its mirror takes (all but dtype and remat)."""
+  cls, fields = backbones.resolve(backbone_cfg)
+  return cls, {k: v for k, v in fields.items() if k not in ("dtype", "remat")}
+
+
+def backbone(backbone_cfg: Mapping[str, Any], in_channels: int = 3) -> nn.Module:
+  """The mirror of `cxr_jax.backbones.build(backbone_cfg)` for `in_channels`-channel images."""
+  cls, fields = _resolve(backbone_cfg)
+  return _BACKBONES[cls](**fields, in_channels=in_channels)
+
+
+def _baseline(config: Mapping[str, Any], num_classes: int) -> nn.Module:
+  model = config["model"]
+  cls, fields = _resolve(model["backbone"])
+  return _BASELINES[cls](num_classes, model["dropout"], **fields, in_channels=model["channels"])
+
+
+# Method name -> mirror builder, with the signature of the method's own `build(config, num_classes)`.
+MIRRORS = {"baseline": _baseline}
+
+
+def build(config: Mapping[str, Any], num_classes: int) -> nn.Module:
+  """The torch mirror of `cxr_jax.methods.get(config.model.name).build(config, num_classes)`."""
+  name = config["model"]["name"]
+  if name not in MIRRORS:
+    raise ValueError(f"no torch mirror for method {name!r}; mirrored: {sorted(MIRRORS)}")
+  return MIRRORS[name](config, num_classes)

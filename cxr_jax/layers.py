@@ -1,0 +1,83 @@
+"""Small layers shared by backbones and methods.
+
+Convolutions take explicit paddings (never 'SAME', which pads strided layers differently from
+PyTorch) and BatchNorm uses PyTorch's defaults, so that weights move between the two frameworks
+unchanged (see `cxr_jax.interop.convert`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# PyTorch's BatchNorm2d defaults (momentum 0.1 on the new statistic, eps 1e-5) in flax's terms.
+# One training-time difference remains: torch updates running_var with the unbiased batch
+# variance, flax with the biased one (a factor n/(n-1), n = batch x height x width per channel).
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+PRESETS = {
+    "imagenet": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+    "unit": {"mean": 0.5, "std": 0.5},
+}
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    dtype: Any = jnp.float32,
+    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+    name: str | None = None,
+) -> nn.Conv:
+  """A bias-free square conv with PyTorch's Conv2d geometry (symmetric explicit padding).
+
+  The default init is PyTorch's `kaiming_normal_` (fan_in, ReLU gain, untruncated).
+  """
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      kernel_dilation=(dilation, dilation),
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=kernel_init,
+      name=name,
+  )
+
+
+def normalize_images(
+    images: jnp.ndarray,
+    *,
+    mean: float | Sequence[float],
+    std: float | Sequence[float],
+    channels: int,
+    dtype: Any = jnp.float32,
+) -> jnp.ndarray:
+  """Maps uint8 images (B, H, W, 1) to `(x / 255 - mean) / std` with `channels` channels.
+
+  A grayscale image is replicated to 3 channels when `channels == 3` (ImageNet-pretrained stems).
+  `mean` and `std` are scalars or one value per output channel (see `PRESETS`). The arithmetic
+  runs in float32; the result is cast to `dtype`.
+  """
+  if images.shape[-1] not in (1, channels):
+    raise ValueError(f"images have {images.shape[-1]} channels; expected 1 or {channels}")
+  mean = jnp.asarray(mean, jnp.float32).reshape(-1)
+  std = jnp.asarray(std, jnp.float32).reshape(-1)
+  for stat_name, stat in (("mean", mean), ("std", std)):
+    if stat.size not in (1, channels):
+      raise ValueError(f"{stat_name} has {stat.size} values; expected 1 or {channels}")
+  x = images.astype(jnp.float32) / 255.0
+  x = jnp.broadcast_to(x, (*x.shape[:-1], channels))
+  return ((x - mean) / std).astype(dtype)
+
+
+def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:
+  """Mean over the spatial axes of an NHWC map: (B, H, W, C) -> (B, C)."""
+  return jnp.mean(x, axis=(1, 2))

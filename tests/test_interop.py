@@ -1,0 +1,399 @@
+"""Tests of cxr_jax.interop: the torch mirrors, flax <-> torch conversion, and torchvision itself.
+
+Weights come from the formula of `shared/fixtures/torchvision_reference/README.md` (no init
+compiles): for torch keys as the README defines it, and for flax-born models the same formula on
+the flax path. Full-size models are converted without compiling; the flax forwards that compare
+numbers run at 64 px, full size only against torchvision's reference.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from flax import linen as nn
+from flax import traverse_util
+
+from configs import common
+from cxr_jax import backbones, methods
+from cxr_jax.interop import convert
+from cxr_jax.interop import torch_modules
+
+REFERENCE = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "torchvision_reference"
+             / "reference.json")
+TINY_DENSENET = {"name": "densenet121", "growth_rate": 8, "block_config": (2, 1, 1, 1),
+                 "num_init_features": 8, "bn_size": 2}
+SIZE = 64
+NUM_CLASSES = 14
+
+
+@pytest.fixture(autouse=True, scope="module")
+def highest_precision():
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def formula_h(p: float, shape) -> np.ndarray:
+  """The README's uniform-looking values in [-0.5, 0.5), float64, laid out in `shape` (C order)."""
+  v = np.sin(12.9898 * (np.arange(int(np.prod(shape)), dtype=np.float64) + p)) * 43758.5453
+  return (v - np.floor(v) - 0.5).reshape(shape)
+
+
+def formula(key: str, shape, kind: str, fan_in: int = 0) -> np.ndarray:
+  """The README's value of tensor `key`; kind: kernel (conv/linear weight), scale, bias, mean, var."""
+  h = formula_h(float(sum(key.encode()) % 1000), shape)
+  if kind == "kernel":
+    return h * np.sqrt(24 / fan_in)
+  return {"scale": 1 + 0.4 * h, "bias": 0.2 * h, "mean": 0.2 * h, "var": 1 + 2 * h * h}[kind]
+
+
+def torch_formula_state_dict(keys) -> dict[str, np.ndarray]:
+  """The reference weights for torchvision's `(key, shape, dtype)` list."""
+  state_dict = {}
+  for key, shape, dtype in keys:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "num_batches_tracked":
+      state_dict[key] = np.zeros(shape, np.int64)
+      continue
+    kind = {"running_mean": "mean", "running_var": "var", "bias": "bias"}.get(leaf)
+    kind = kind or ("scale" if len(shape) == 1 else "kernel")
+    state_dict[key] = formula(key, tuple(shape), kind, int(np.prod(shape[1:]))).astype(dtype)
+  return state_dict
+
+
+def flax_formula_variables(abstract) -> dict:
+  """A flax-born model: the formula on each flax path (a kernel's fan-in is all but its last axis)."""
+  return traverse_util.unflatten_dict({
+      path: formula("/".join(path), leaf.shape, path[-1], int(np.prod(leaf.shape[:-1]))).astype(np.float32)
+      for path, leaf in traverse_util.flatten_dict(abstract).items()})
+
+
+def formula_images(channels=3) -> np.ndarray:
+  """The README's input, 4 * h with p = 0, as NCHW float32."""
+  return (4 * formula_h(0.0, (2, 3, SIZE, SIZE)))[:, :channels].astype(np.float32)
+
+
+def experiment(backbone: dict, channels: int = 3):
+  """The project's base config with this backbone and input channel count."""
+  config = common.get_config()
+  config.model.backbone.update(backbone)
+  config.model.channels = channels
+  return config
+
+
+def flax_model(config):
+  return methods.get(config.model.name).build(config, NUM_CLASSES)
+
+
+def abstract_variables(model, channels=3):
+  x = jax.ShapeDtypeStruct((2, SIZE, SIZE, channels), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def zeros_like_abstract(abstract):
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+
+
+def randomize_batch_norm(module: torch.nn.Module) -> torch.nn.Module:
+  """Non-trivial BatchNorm state and affine parameters, so conversions that drop them show."""
+  generator = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for m in module.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        for tensor, low, high in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2), (m.running_mean, -0.2, 0.2),
+                                  (m.running_var, 0.5, 2.0)):
+          tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+  return module
+
+
+def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
+  return {k: v.numpy() for k, v in module.state_dict().items()}
+
+
+def named_outputs(out, layout: str) -> dict[str, np.ndarray]:
+  """A model's stage maps (as NCHW), plus logits and pooled features when it has them."""
+  stages = out.get("features", out)
+  named = {k: np.asarray(v).transpose(0, 3, 1, 2) if layout == "NHWC" else np.asarray(v)
+           for k, v in stages.items()}
+  named.update({k: np.asarray(out[k]) for k in ("logits", "pooled") if k in out})
+  return named
+
+
+def flax_vs_torch(model, variables, mirror, channels) -> dict[str, float]:
+  """Max abs differences between the flax model and its torch mirror on the formula input."""
+  x = formula_images(channels)
+  flax_out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1))
+  with torch.no_grad():
+    torch_out = mirror.eval()(torch.from_numpy(x))
+  flax_named, torch_named = named_outputs(flax_out, "NHWC"), named_outputs(torch_out, "NCHW")
+  assert flax_named.keys() == torch_named.keys()
+  diffs = {k: float(np.abs(flax_named[k] - torch_named[k]).max()) for k in flax_named}
+  print(diffs)
+  return diffs
+
+
+# ---------------------------------------------------------------- torchvision as the reference
+
+
+@pytest.fixture(scope="module", params=["densenet121", "resnet50"])
+def reference(request):
+  """torchvision's key list, logits and pooled features for the formula weights, plus the flax model."""
+  with open(REFERENCE) as f:
+    ref = json.load(f)["models"][request.param]
+  config = experiment({"name": request.param})
+  state_dict = torch_formula_state_dict(ref["state_dict_keys"])
+  model = flax_model(config)
+  variables = convert.from_state_dict(state_dict, abstract_variables(model), convert.torch_names(config))
+  return ref, config, state_dict, model, variables
+
+
+def test_flax_model_reproduces_torchvision_logits(reference):
+  ref, _, _, model, variables = reference
+  x = formula_images().transpose(0, 2, 3, 1)
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  for key, want in (("logits", ref["logits_float64"]), ("pooled", ref["pooled_features_float64"])):
+    got = np.asarray(out[key])
+    print(f"{key}: max abs diff {np.abs(got - want).max():.3g}, max |want| {np.abs(want).max():.3g}")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_mirror_reproduces_torchvision_logits(reference):
+  ref, config, state_dict, _, _ = reference
+  mirror = torch_modules.build(config, NUM_CLASSES).eval()
+  mirror.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  with torch.no_grad():
+    out = mirror(torch.from_numpy(formula_images()))
+  np.testing.assert_allclose(out["logits"].numpy(), ref["logits_float64"], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out["pooled"].numpy(), ref["pooled_features_float64"], rtol=1e-4, atol=1e-4)
+
+
+def test_exported_baseline_has_exactly_torchvisions_keys(reference):
+  ref, config, state_dict, _, variables = reference
+  exported = convert.to_state_dict(variables, convert.torch_names(config))
+  assert {k: (list(v.shape), str(v.dtype)) for k, v in exported.items()} == {
+      k: (shape, dtype) for k, shape, dtype in ref["state_dict_keys"]}
+  assert len(exported) == len(ref["state_dict_keys"])
+  assert all(np.array_equal(exported[k], state_dict[k]) for k in state_dict)
+
+
+# ---------------------------------------------------------------- mirrors and round trips
+
+
+ROUND_TRIP = [{"name": n} for n in backbones.ARCHITECTURES] + [{"name": "resnet50", "output_stride": 8}]
+
+
+@pytest.mark.parametrize("backbone", ROUND_TRIP, ids=lambda b: "-os".join(str(v) for v in b.values()))
+def test_torch_flax_torch_is_bit_exact(backbone):
+  mirror = randomize_batch_norm(torch_modules.backbone(backbone))
+  state_dict = numpy_state_dict(mirror)
+  names = convert.TorchNames((convert.backbone_scope(backbone),))
+  variables = convert.from_state_dict(state_dict, abstract_variables(backbones.build(backbone)), names)
+  back = convert.to_state_dict(variables, names)
+  assert sorted(back) == sorted(state_dict)
+  for key, value in state_dict.items():
+    assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
+
+
+PARITY = [
+    (TINY_DENSENET, 3),
+    ({"name": "resnet18", "stage_sizes": (1, 1, 1, 1)}, 3),
+    ({"name": "resnet34", "stage_sizes": (1, 1, 1, 1), "output_stride": 8}, 3),
+    ({"name": "resnet50", "stage_sizes": (1, 2, 1, 1), "output_stride": 16}, 3),
+    ({"name": "resnet50", "stage_sizes": (1, 1, 1, 2), "output_stride": 8}, 1),
+]
+
+
+@pytest.mark.parametrize("backbone, channels", PARITY,
+                         ids=lambda p: "-".join(map(str, p.values())) if isinstance(p, dict) else f"{p}ch")
+def test_flax_backbone_exported_to_torch_matches(backbone, channels):
+  model = backbones.build(backbone)
+  variables = flax_formula_variables(abstract_variables(model, channels))
+  state_dict = convert.to_state_dict(variables, convert.TorchNames((convert.backbone_scope(backbone),)))
+  mirror = torch_modules.backbone(backbone, in_channels=channels)
+  mirror.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+  assert max(flax_vs_torch(model, variables, mirror, channels).values()) <= 1e-4
+
+
+@pytest.mark.parametrize("method, backbone, channels", [
+    ("baseline", TINY_DENSENET, 1),
+    ("baseline", {"name": "resnet50", "stage_sizes": (1, 1, 1, 1)}, 3),
+])
+def test_flax_method_exported_to_torch_matches(method, backbone, channels, tmp_path):
+  config = experiment(backbone, channels)
+  config.model.name = method
+  model = flax_model(config)
+  variables = flax_formula_variables(abstract_variables(model, channels))
+  path = tmp_path / "model.safetensors"
+  convert.state_dict_to_safetensors(convert.to_state_dict(variables, convert.torch_names(config)), path)
+  mirror = torch_modules.build(config, NUM_CLASSES)
+  mirror.load_state_dict(safetensors.torch.load_file(path), strict=True)
+  assert max(flax_vs_torch(model, variables, mirror, channels).values()) <= 1e-4
+
+
+def test_every_method_has_torch_names_and_a_mirror():
+  assert set(methods.available()) <= set(convert.METHOD_NAMES) & set(torch_modules.MIRRORS)
+
+
+class _FlatteningHead(nn.Module):
+  """conv -> flatten (NHWC) -> dense, the shape of heads that flatten a feature map."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)), name="conv")(x))
+    return nn.Dense(7, name="fc")(x.reshape(x.shape[0], -1))
+
+
+class _TorchFlatteningHead(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.conv = torch.nn.Conv2d(2, 5, 3, padding=1)
+    self.fc = torch.nn.Linear(5 * 4 * 3, 7)
+
+  def forward(self, x):
+    return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_flattening_head_needs_and_gets_the_nchw_permutation():
+  # H != W catches swapped axes.
+  x = np.random.default_rng(0).normal(size=(2, 4, 3, 2)).astype(np.float32)
+  model = _FlatteningHead()
+  variables = model.init(jax.random.key(0), x)
+  mirror = _TorchFlatteningHead()
+  want = np.asarray(model.apply(variables, x))
+  outputs = {}
+  for flatten in ({}, {"fc.weight": (4, 3, 5)}):
+    names = convert.TorchNames((convert.Scope("", ""),), flatten=flatten)
+    state_dict = convert.to_state_dict(variables, names)
+    mirror.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    with torch.no_grad():
+      outputs[bool(flatten)] = mirror(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    back = convert.from_state_dict(state_dict, variables, names)
+    jax.tree.map(np.testing.assert_array_equal, back, dict(variables))
+  np.testing.assert_allclose(outputs[True], want, atol=1e-5)
+  assert np.abs(outputs[False] - want).max() > 1e-2
+
+
+# ---------------------------------------------------------------- import of published files
+
+
+def legacy_densenet_names(state_dict):
+  """torchvision's published DenseNet keys, as in densenet121-a639ec97.pth: `norm.1` for `norm1`,
+  and no `num_batches_tracked` (torch 0.4.1 introduced it)."""
+  return {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in state_dict.items()
+          if not k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("name", ["densenet121", "resnet50"])
+def test_load_pretrained_imagenet_pth_fills_the_backbone_only(name, tmp_path):
+  config = experiment({"name": name})
+  imagenet = randomize_batch_norm(torch_modules.build(config, 1000))
+  published = imagenet.state_dict()
+  if name.startswith("densenet"):
+    published = legacy_densenet_names(published)
+    assert "features.denseblock1.denselayer1.norm.1.weight" in published
+  torch.save(published, tmp_path / f"{name}.pth")
+  abstract = abstract_variables(flax_model(config))
+  fresh = jax.tree.map(lambda s: np.full(s.shape, 7, s.dtype), abstract)
+  variables, report = convert.load_pretrained(tmp_path / f"{name}.pth", fresh, config)
+
+  head = "classifier" if name.startswith("densenet") else "fc"
+  backbone_only = {k: v for k, v in numpy_state_dict(imagenet).items() if not k.startswith(head + ".")}
+  backbone_abstract = {c: {"backbone": abstract[c]["backbone"]} for c in abstract}
+  expected = convert.from_state_dict(backbone_only, backbone_abstract, convert.torch_names(config))
+  for collection in ("params", "batch_stats"):
+    jax.tree.map(np.testing.assert_array_equal, variables[collection]["backbone"],
+                 expected[collection]["backbone"])
+  jax.tree.map(np.testing.assert_array_equal, variables["params"]["head"], fresh["params"]["head"])
+  assert report.unused == [f"{head}.weight", f"{head}.bias"]
+  assert sorted(report.fresh) == ["params/head/bias", "params/head/kernel"]
+  assert len(report.loaded) == len(jax.tree.leaves(abstract)) - 2
+  # DenseNet-121 has 58 dense layers, each with 2 BatchNorms (4 tensors) and 2 convs.
+  assert len(report.renamed) == (58 * 10 if name.startswith("densenet") else 0)
+  assert "kept as initialised (2): params/head/" in str(report)
+
+
+def test_load_pretrained_one_channel_stem_sums_rgb(tmp_path):
+  rgb = numpy_state_dict(randomize_batch_norm(torch_modules.backbone(TINY_DENSENET)))
+  np.savez(tmp_path / "rgb.npz", **rgb)
+  config = experiment(TINY_DENSENET, channels=1)
+  fresh = zeros_like_abstract(abstract_variables(flax_model(config), channels=1))
+  variables, report = convert.load_pretrained(tmp_path / "rgb.npz", fresh, config)
+  gray = rgb["features.conv0.weight"].sum(axis=1, keepdims=True)
+  np.testing.assert_allclose(variables["params"]["backbone"]["conv0"]["kernel"], gray.transpose(2, 3, 1, 0),
+                             rtol=1e-6)
+  assert report.adapted == ["features.conv0.weight: RGB kernel summed to 1 input channel"]
+
+
+def test_load_pretrained_rejects_another_architecture(tmp_path):
+  resnet = numpy_state_dict(torch_modules.backbone({"name": "resnet18", "stage_sizes": (1, 1, 1, 1)}))
+  convert.state_dict_to_safetensors(resnet, tmp_path / "resnet.safetensors")
+  config = experiment(TINY_DENSENET)
+  fresh = zeros_like_abstract(abstract_variables(flax_model(config)))
+  with pytest.raises(ValueError, match=r"does not fit backbone: .*missing keys \(\d+\):\n  features.conv0.w"):
+    convert.load_pretrained(tmp_path / "resnet.safetensors", fresh, config)
+
+
+def test_from_state_dict_lists_missing_mismatched_and_unused_keys():
+  names = convert.TorchNames((convert.backbone_scope(TINY_DENSENET),))
+  state_dict = numpy_state_dict(torch_modules.backbone(TINY_DENSENET))
+  state_dict["features.norm5.bias"] = np.zeros(3, np.float32)
+  state_dict["features.extra.weight"] = np.zeros(1, np.float32)
+  del state_dict["features.conv0.weight"]
+  with pytest.raises(ValueError) as error:
+    convert.from_state_dict(state_dict, abstract_variables(backbones.build(TINY_DENSENET)), names)
+  message = str(error.value)
+  assert "missing keys (1):\n  features.conv0.weight (flax params/conv0/kernel)" in message
+  assert ("mismatched keys (1):\n  features.norm5.bias: file (3,), model (17,) (flax params/norm5/bias)"
+          in message)
+  assert "unused keys (1):\n  features.extra.weight" in message
+
+
+WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now fails
+import jax, numpy as np
+from configs import common
+from cxr_jax.interop import convert
+from cxr_jax.methods import baseline
+config = common.get_config()
+config.model.backbone.update({backbone!r})
+model = baseline.build(config, 3)
+x = np.zeros((1, 32, 32, 3), np.float32)
+abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+for suffix in ("safetensors", "npz"):
+  variables, report = convert.load_pretrained("{dir}/w." + suffix, fresh, config)
+  print(suffix, len(report.loaded))
+state_dict = convert.to_state_dict(variables, convert.torch_names(config))
+convert.state_dict_to_safetensors(state_dict, "{dir}/out.safetensors")
+try:
+  convert.load_state_dict_file("{dir}/w.pth")
+except ImportError as e:
+  print("pth:", e)
+"""
+
+
+def test_export_and_import_work_without_torch(tmp_path):
+  """convert never imports torch: safetensors and npz load, and .pth asks for torch clearly."""
+  mirror = torch_modules.backbone(TINY_DENSENET)
+  convert.state_dict_to_safetensors(numpy_state_dict(mirror), tmp_path / "w.safetensors")
+  np.savez(tmp_path / "w.npz", **numpy_state_dict(mirror))
+  torch.save(mirror.state_dict(), tmp_path / "w.pth")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH.format(backbone=TINY_DENSENET, dir=tmp_path)],
+                          cwd=root, capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+  leaves = len(jax.tree.leaves(abstract_variables(backbones.build(TINY_DENSENET))))
+  assert f"safetensors {leaves}\nnpz {leaves}\n" in result.stdout
+  assert "needs torch; without it, give the weights as .safetensors or .npz" in result.stdout
+  assert sorted(safetensors.torch.load_file(tmp_path / "out.safetensors")) == sorted(
+      torch_modules.build(experiment(TINY_DENSENET), 3).state_dict())
