@@ -63,11 +63,17 @@ class Checkpointer:
                               data=ocp.args.JsonSave(data_position))
     self.manager.save(step, args=args, metrics=metrics, force=True)
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores (state onto `abstract_state`'s shardings, data position)."""
+  def restore_training(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores (state onto `abstract_state`'s shardings, data position) to continue training."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """Restores the state alone (onto `abstract_state`'s shardings), for inference and export."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

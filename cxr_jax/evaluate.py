@@ -19,12 +19,6 @@ from absl import app, flags, logging
 
 from cxr_jax import experiment, metrics, parallel, steps, writers
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.", required=True)
-_SPLIT = flags.DEFINE_string("split", "test", "Split of the run's dataset to evaluate.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
-_BOOTSTRAP = flags.DEFINE_integer("bootstrap", None, "Bootstrap resamples (default: config.eval.bootstrap; 0: none).")
-
-
 def evaluate(workdir: str, split: str = "test", which: str = "best",
              n_boot: int | None = None) -> dict[str, Any]:
   """Evaluates the chosen checkpoint of a run on `split`; writes and returns the report."""
@@ -58,13 +52,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   writers.quiet_library_logs()
-  report = evaluate(_WORKDIR.value, _SPLIT.value, _CHECKPOINT.value, _BOOTSTRAP.value)
+  args = flags.FLAGS
+  report = evaluate(args.workdir, args.split, args.checkpoint, args.bootstrap)
   if parallel.is_main_process():
-    print(f"{_SPLIT.value} split, checkpoint step {report['checkpoint_step']}, "
+    print(f"{args.split} split, checkpoint step {report['checkpoint_step']}, "
           f"{report['n_examples']} images, {report['n_patients']} patients")
     print(metrics.format_table(report))
-    logging.info("wrote %s", os.path.join(_WORKDIR.value, f"eval_{_SPLIT.value}.json"))
+    logging.info("wrote %s", os.path.join(args.workdir, f"eval_{args.split}.json"))
 
 
 if __name__ == "__main__":
+  # Flags are defined here, not at import, so that the CLIs' functions import side by side.
+  flags.DEFINE_string("workdir", None, "Workdir of a training run.", required=True)
+  flags.DEFINE_string("split", "test", "Split of the run's dataset to evaluate.")
+  flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+  flags.DEFINE_integer("bootstrap", None,
+                       "Bootstrap resamples (default: config.eval.bootstrap; 0: none).")
   app.run(main)

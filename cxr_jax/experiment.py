@@ -115,7 +115,7 @@ def restore_for_inference(workdir: str, which: str = "best") -> tuple[Run, steps
       split_source(config, config.data.val_split),
       pipeline.make_spec(config.data.to_dict(), manifest, train=False), global_batch=1))
   abstract = steps.abstract_state(run.model, run.tx, config, run.mesh, example, run.method)
-  state = ckpt.restore(step, abstract)
+  state = ckpt.restore_state(step, abstract)
   ckpt.close()
   logging.info("restored step %d from %s", step, ckpt.directory)
   return run, state, step

@@ -21,21 +21,26 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from cxr_jax import checkpoint, config_utils, experiment, parallel, steps, writers
 from cxr_jax.data import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
-
-
 class StopRequest:
-  """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second SIGINT aborts."""
+  """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second SIGINT aborts.
+
+  With several processes, the signal may reach one process only, or each at a different step;
+  all must still stop at the same step, or their collectives mismatch and the run hangs. So
+  SIGTERM is left to JAX's preemption service (started by `jax.distributed.initialize`), which
+  agrees on a step with the other processes, and SIGINT is handed to it as a SIGTERM.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    self._multi_process = jax.process_count() > 1
+    signums = (signal.SIGINT,) if self._multi_process else (signal.SIGINT, signal.SIGTERM)
+    self._previous = {s: signal.signal(s, self._handle) for s in signums}
 
   def _handle(self, signum, frame):
     del frame
@@ -43,6 +48,14 @@ class StopRequest:
       raise KeyboardInterrupt
     logging.warning("%s received: saving a checkpoint, then stopping", signal.Signals(signum).name)
     self.requested = True
+    if self._multi_process:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step`; the same answer on every process. Call it at every step."""
+    if self._multi_process:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def restore(self) -> None:
     """Puts the previous handlers back."""
@@ -78,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  keep_best=config.checkpoint.keep_best)
   start = ckpt.latest_step() or 0
   if start:
-    state, position = ckpt.restore(start, checkpoint.abstract(state))
+    state, position = ckpt.restore_training(start, checkpoint.abstract(state))
     check_stream(position, config)
     logging.info("resumed from step %d in %s", start, ckpt.directory)
   data_iter = pipeline.to_iterator(train_ds[start:], worker_count=config.data.worker_count,
@@ -92,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start + 1, config.train.steps + 1):
       device_batch, _ = pipeline.host_fields(next(data_iter))
       state, train_metrics = train_step(state, parallel.to_global(device_batch, run.mesh))
-      final = step == config.train.steps or stop.requested  # one snapshot: signals are async
+      final = step == config.train.steps or stop.reached(step)  # one snapshot: signals are async
       if step % config.train.log_every == 0 or final:
         last["train"] = log_train(log, progress, step, train_metrics, run.schedule, ckpt)
       val = None
@@ -159,12 +172,13 @@ def log_train(log, progress, step, train_metrics, schedule, ckpt) -> dict[str, f
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
   writers.quiet_library_logs()
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
+  # Flags are defined here, not at import, so that the CLIs' functions import side by side.
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -312,7 +312,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def state_dict_to_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
   """Writes a numpy state_dict that torch loads with `safetensors.torch.load_file` (no torch needed)."""
-  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, os.fspath(path))
+  data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in state_dict.items()})
+  # Written by Python, not `save_file`: safetensors 0.8 creates its files mode 0600, unreadable to
+  # anyone the export is shared with; open() honours the umask like every other output.
+  with open(path, "wb") as f:
+    f.write(data)
 
 
 def rename_legacy(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -10,7 +10,7 @@ classifier layout (`features.*` + `classifier.*`, or `conv1...` + `fc.*`). Like 
 from __future__ import annotations
 
 import collections
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -217,3 +217,21 @@ def build(config: Mapping[str, Any], num_classes: int) -> nn.Module:
   if name not in MIRRORS:
     raise ValueError(f"no torch mirror for method {name!r}; mirrored: {sorted(MIRRORS)}")
   return MIRRORS[name](config, num_classes)
+
+
+class Predictor(nn.Module):
+  """A model with its input preparation and sigmoid: (B, 1, H, W) pixel/255 -> probabilities (B, K).
+
+  `mean` and `std` hold one value per model input channel; broadcasting the one-channel image
+  against them is the channel replication of `cxr_jax.layers.normalize_images`, so a traced
+  Predictor is the whole deployable model (what `cxr_jax.export` writes as `model.pt`).
+  """
+
+  def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+    super().__init__()
+    self.model = model
+    self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+    self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(self.model((x - self.mean) / self.std)["logits"])

@@ -1,0 +1,189 @@
+"""cxr_jax.export: a trained run exported for PyTorch gives the probabilities of its evaluation."""
+
+import ast
+import io
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+import datasets
+from cxr_jax import checkpoint, config_utils, experiment, export, layers, steps, train
+from cxr_jax.data import labels, tfrecord
+from cxr_jax.interop import torch_modules
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FILES = ["config.json", "labels.json", "model.pt", "model.safetensors", "preprocessing.json"]
+# Records are 40 px and the model's input 32 px: the export's recipe must include the resize.
+RECORD_SIZE = 40
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return datasets.write(tmp_path_factory.mktemp("data") / "ds", {"train": 8, "val": 8, "test": 8},
+                        size=RECORD_SIZE, with_extras=False)
+
+
+@pytest.fixture(scope="module")
+def workdir(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = datasets.tiny_config(data_dir, steps=2, eval_every=2)
+  config.checkpoint.every = 2
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory):
+  return export.export(workdir, str(tmp_path_factory.mktemp("exports") / "phantom_torch"))
+
+
+@pytest.fixture(scope="module")
+def test_images(workdir):
+  """{image id: (record PNG bytes, flax evaluation probabilities)} of the test split."""
+  run, state, _ = experiment.restore_for_inference(workdir, "best")
+  eval_step = steps.make_eval_step(run.model, run.method, run.config, run.mesh)
+  predictions = steps.predict(eval_step, state, experiment.eval_batches(run.config, run.manifest, "test"),
+                              run.mesh)
+  source = experiment.split_source(run.config, "test")
+  records = [tfrecord.parse(source[int(i)]) for i in predictions["index"]]
+  return {r.image_id: (r.image, probs) for r, probs in zip(records, predictions["probs"])}
+
+
+def pixels(png: bytes, size: int) -> np.ndarray:
+  """preprocessing.json's recipe, written out independently of the pipeline: (1, size, size)."""
+  image = Image.open(io.BytesIO(png)).resize((size, size), Image.BOX)
+  return (np.asarray(image, np.float32) / 255)[None]
+
+
+def read_json(folder, name):
+  with open(os.path.join(folder, name)) as f:
+    return json.load(f)
+
+
+def test_model_pt_gives_the_evaluation_probabilities(exported, test_images):
+  model = torch.jit.load(os.path.join(exported["out"], "model.pt"))
+  batch = np.stack([pixels(png, 32) for png, _ in test_images.values()])
+  assert batch.shape == (8, 1, 32, 32)
+  with torch.no_grad():
+    probs = model(torch.from_numpy(batch)).numpy()
+  expected = np.stack([p for _, p in test_images.values()])
+  assert probs.shape == expected.shape == (8, len(labels.NIH_LABELS))
+  assert np.ptp(expected, axis=0).max() > 1e-3  # the images get different answers
+  np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
+
+
+def test_the_docs_snippet_prints_the_evaluation_probabilities(exported, test_images, tmp_path,
+                                                               monkeypatch, capsys):
+  with open(REPO / "docs" / "pytorch.md") as f:
+    snippet = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+  png, expected = next(iter(test_images.values()))
+  (tmp_path / "image.png").write_bytes(png)
+  os.symlink(exported["out"], tmp_path / "phantom_torch")
+  monkeypatch.chdir(tmp_path)
+  exec(snippet, {})  # pylint: disable=exec-used
+  printed = ast.literal_eval(capsys.readouterr().out)
+  assert list(printed) == list(labels.NIH_LABELS)
+  np.testing.assert_allclose(list(printed.values()), expected, atol=1e-5, rtol=0)
+
+
+def test_safetensors_load_strictly_into_the_mirror(exported, test_images):
+  out = exported["out"]
+  config = read_json(out, "config.json")
+  mirror = torch_modules.build(config, len(labels.NIH_LABELS))
+  state_dict = safetensors.torch.load_file(os.path.join(out, "model.safetensors"))
+  assert set(state_dict) == set(mirror.state_dict())
+  mirror.load_state_dict(state_dict, strict=True)
+  spec = read_json(out, "preprocessing.json")
+  model = torch_modules.Predictor(mirror, spec["mean"], spec["std"]).eval()
+  png, expected = next(iter(test_images.values()))
+  with torch.no_grad():
+    probs = model(torch.from_numpy(pixels(png, 32)[None]))[0].numpy()
+  np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
+
+
+def test_files_and_their_contents(exported, workdir):
+  out = exported["out"]
+  assert sorted(os.listdir(out)) == exported["files"] == FILES
+  assert not [p for p in os.listdir(os.path.dirname(out)) if p != "phantom_torch"]  # no staging left
+  best = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).resolve("best")
+  assert exported["step"] == best
+  config = read_json(out, "config.json")
+  assert config.pop("export") == {"step": best, "checkpoint": "best", "workdir": os.path.abspath(workdir)}
+  assert config == config_utils.load(workdir).to_dict()
+  assert read_json(out, "labels.json") == list(labels.NIH_LABELS)
+  spec = read_json(out, "preprocessing.json")
+  imagenet = layers.PRESETS["imagenet"]
+  assert {k: spec[k] for k in ("image_size", "channels", "normalization", "mean", "std")} == dict(
+      image_size=32, channels=3, normalization="imagenet", mean=list(imagenet["mean"]),
+      std=list(imagenet["std"]))
+  assert "PIL BOX" in spec["input"] and "pixel/255" in spec["input"]
+  # One mode for all (the umask's): safetensors' own writer would make the weights owner-only.
+  assert len({os.stat(os.path.join(out, name)).st_mode for name in FILES}) == 1
+
+
+def test_preprocessing_gives_one_mean_and_std_per_channel(data_dir):
+  config = datasets.tiny_config(data_dir)
+  config.model.update(normalization="unit", channels=1)
+  assert (export.preprocessing(config)["mean"], export.preprocessing(config)["std"]) == ([0.5], [0.5])
+  config.model.channels = 3
+  assert export.preprocessing(config)["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_missing_checkpoint_is_an_error_and_writes_nothing(data_dir, tmp_path):
+  run_dir = tmp_path / "untrained"
+  run_dir.mkdir()
+  config_utils.save(datasets.tiny_config(data_dir), str(run_dir))
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    export.export(str(run_dir), str(tmp_path / "out" / "model"))
+  assert sorted(os.listdir(tmp_path)) == ["untrained"]
+
+
+def test_existing_folder_is_refused_untouched(workdir, tmp_path):
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="not an empty folder"):
+    export.export(workdir, str(tmp_path / "out"))
+  assert os.listdir(tmp_path / "out") == ["notes.txt"]
+
+
+def test_a_failed_trace_check_leaves_no_folder(workdir, tmp_path, monkeypatch):
+  real_trace = torch.jit.trace
+
+  def off_by_a_bit(module, example):
+    traced = real_trace(module, example)
+    return lambda x: traced(x) + 1e-4
+
+  monkeypatch.setattr(torch.jit, "trace", off_by_a_bit)
+  with pytest.raises(RuntimeError, match="differs from the eager mirror"):
+    export.export(workdir, str(tmp_path / "out"))
+  assert not os.listdir(tmp_path)
+
+
+WITHOUT_TORCH = """
+import runpy, sys
+sys.modules["torch"] = None  # `import torch` now raises ImportError, as when it is not installed
+runpy.run_module("cxr_jax.export", run_name="__main__")
+"""
+
+
+def test_cli_without_torch_writes_everything_but_model_pt(exported, workdir, tmp_path):
+  out = tmp_path / "no_torch"
+  result = subprocess.run(
+      [sys.executable, "-c", WITHOUT_TORCH, "--workdir", workdir, "--out", str(out)],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert result.returncode == 0, result.stderr
+  assert "torch is not installed: skipping model.pt" in result.stderr
+  assert f"exported step {exported['step']} to {out}" in result.stdout
+  assert sorted(os.listdir(out)) == [f for f in FILES if f != "model.pt"]
+  for name in os.listdir(out):  # the same files as the export with torch
+    assert (out / name).read_bytes() == pathlib.Path(exported["out"], name).read_bytes(), name
