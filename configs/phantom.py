@@ -34,8 +34,8 @@ def get_config(arg=None):
   c.model.channels = 1  # trained from scratch: no ImageNet stem to feed three channels
   c.model.normalization = "unit"
   c.optim.update(name="adam", lr=2e-3, schedule="cosine", warmup_steps=50, weight_decay=0.0)
-  c.train.update(steps=600, global_batch=32, log_every=25, eval_every=200)
-  c.checkpoint.every = 200
+  c.train.update(steps=1000, global_batch=32, log_every=25, eval_every=250)
+  c.checkpoint.every = 250
   c.eval.global_batch = 64
   if arg.smoke:
     c.model.backbone.update(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8,

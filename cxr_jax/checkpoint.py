@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import jax
+from absl import logging
 import orbax.checkpoint as ocp
 
 BEST_METRIC = "val_mean_auc"
@@ -49,7 +50,11 @@ class Checkpointer:
     if which == "latest":
       return self.manager.latest_step()
     if which == "best":
-      return self.manager.best_step()
+      best = self.manager.best_step()
+      if best is None:  # no checkpoint carries a finite validation mean AUC
+        logging.warning("no checkpoint is ranked by %s; using the latest", BEST_METRIC)
+        return self.manager.latest_step()
+      return best
     step = int(which)
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
