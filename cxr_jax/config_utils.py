@@ -60,6 +60,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("bad config:\n  " + "\n  ".join(problems))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for CLIs that take `--config`, turning an override of a field the config
+  lacks (ml_collections raises AttributeError) into a one-line error that names it."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except AttributeError as e:
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    cause = e.args[0].args[0] if e.args and isinstance(e.args[0], KeyError) else str(e)
+    hint = " ".join(str(cause).split())  # e.g. 'lrr' Did you mean "lr" instead of "lrr"?
+    raise SystemExit(f"FATAL: a config override names no field of the config: {hint} "
+                     f"(overrides given: {', '.join(overrides)})") from None
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config as JSON into the workdir."""
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:

@@ -26,13 +26,15 @@ def prepare_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Makes sure `config.data.dir` holds a prepared dataset (running the `data.prepare` hook on
   process 0 when it is absent) and returns its manifest."""
   manifest_path = os.path.join(config.data.dir, data_writer.MANIFEST)
-  if not os.path.exists(manifest_path) and config.data.prepare:
-    if parallel.is_main_process():
-      module, _, function = config.data.prepare.partition(":")
-      logging.info("preparing %s with %s", config.data.dir, config.data.prepare)
-      getattr(importlib.import_module(module), function)(config.data.dir, **config.data.prepare_args)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("cxr_jax data prepared")
+  if (config.data.prepare and parallel.is_main_process()
+      and not os.path.exists(manifest_path)):
+    module, _, function = config.data.prepare.partition(":")
+    logging.info("preparing %s with %s", config.data.dir, config.data.prepare)
+    getattr(importlib.import_module(module), function)(config.data.dir, **config.data.prepare_args)
+  if config.data.prepare and jax.process_count() > 1:
+    # Every process waits here, whatever it sees on disk: a barrier skipped by some processes
+    # (the data already there for them, not yet or never for others) would hang the run.
+    multihost_utils.sync_global_devices("cxr_jax data prepared")
   return data_writer.load_manifest(config.data.dir)
 
 

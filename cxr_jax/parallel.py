@@ -9,7 +9,8 @@ Multi-host: `initialize_distributed(config.parallel)` must run before anything t
               = "auto"      `jax.distributed.initialize()` with cluster auto-detection
                             (Cloud TPU VM; SLURM with one task per GPU)
               = "explicit"  coordinator_address, num_processes, process_id from the config
-Each process feeds its own slice of every global batch (`to_global`).
+Each process feeds its own slice of every global batch (`to_global`). Process 0 alone writes
+logs, metrics and reports; the others log warnings and errors only.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def initialize_distributed(parallel_config: Mapping[str, Any]) -> None:
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+  if not is_main_process():
+    # The other processes would repeat process 0's progress lines; their warnings still show.
+    logging.set_verbosity(logging.WARNING)
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from cxr_jax import checkpoint, config_utils, experiment, parallel, steps, writers
 from cxr_jax.data import pipeline
 
+
 class StopRequest:
   """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second SIGINT aborts.
 
@@ -181,4 +182,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=config_utils.parse_flags)

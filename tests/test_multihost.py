@@ -1,0 +1,189 @@
+"""Multi-host training on one machine: processes joined by jax.distributed on localhost.
+
+One scenario, run once for the module (under a minute with a warm compilation cache, about two on
+a cold, busy 2-core machine), checked by the tests:
+  1. `launch/local_multi_process.sh` starts two processes with 4 CPU devices each; process 0
+     writes the dataset through the config's `data.prepare` hook while process 1 waits, then they
+     train the tiny config with SGD (`tests/multihost_worker.py`: the trainer, noting the records
+     each process takes). Process 1 alone gets SIGTERM after 3 steps, like a preemption notice,
+     so both must stop at one agreed step and save a checkpoint.
+  2. This process (one process, 8 devices) trains the same config straight through, saving a
+     checkpoint at every step: the reference.
+  3. One process with one device resumes a copy of run 1's workdir and finishes the run."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import datasets
+from cxr_jax import experiment, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12  # 3 epochs of 32 records in global batches of 8
+RECORDS, GLOBAL_BATCH = 32, 8
+STEPS_PER_EPOCH = RECORDS // GLOBAL_BATCH
+SIGTERM_AFTER = 3
+# SGD: Adam would blow float noise in zero gradients up to lr-sized updates. A small lr: with 0.1
+# the 1e-5 float noise between 8 devices and 1 grows to 3e-2 in 12 steps of this tiny net.
+OPTIM = dict(name="sgd", lr=0.01)
+
+CONFIG_FILE = """\
+import sys
+sys.path.insert(0, {tests!r})
+import test_multihost
+def get_config():
+  return test_multihost.config({data!r})
+"""
+
+
+def config(data_dir):
+  """The tiny config on a dataset that the run writes itself (`datasets.write` as the hook)."""
+  c = datasets.tiny_config(data_dir, steps=STEPS, global_batch=GLOBAL_BATCH, eval_every=4)
+  c.data.prepare = "datasets:write"
+  c.data.prepare_args = dict(splits=dict(train=RECORDS, val=8, test=8))
+  c.optim.update(OPTIM)
+  return c
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run(command, env_changes, timeout):
+  """Runs a command from the repository root; returns its output, failing the test on an error."""
+  result = subprocess.run(command, cwd=REPO, env=dict(os.environ, **env_changes),
+                          capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+  return result.stdout + result.stderr
+
+
+def state_at(workdir, step):
+  """The train state saved at `step`, as numpy."""
+  _, state, _ = experiment.restore_for_inference(str(workdir), step)
+  return jax.device_get(state)
+
+
+def metrics(workdir, split):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [line for line in map(json.loads, f) if line["split"] == split]
+
+
+def recorded(record_dir, processes):
+  """Per process, the record numbers of each training batch it took."""
+  out = []
+  for p in range(processes):
+    with open(os.path.join(record_dir, f"process_{p}.json")) as f:
+      out.append(json.load(f))
+  return out
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("multihost")
+  data_dir = str(tmp / "data")
+  config_file = tmp / "config.py"
+  config_file.write_text(CONFIG_FILE.format(tests=os.path.join(REPO, "tests"), data=data_dir))
+  worker = [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"),
+            "--config", str(config_file)]
+
+  two = tmp / "two_processes"
+  two_log = run(
+      ["launch/local_multi_process.sh", "2", "--", *worker, "--workdir", str(two),
+       "--record_dir", str(tmp / "records_two"), f"--sigterm_after={SIGTERM_AFTER}",
+       "--sigterm_process=1"],
+      dict(PORT=str(free_port()), DEVICES_PER_PROCESS="4", LOG_DIR=str(tmp / "logs")), 240)
+  stopped = [int(s) for s in re.findall(r"stopped at step (\d+)", two_log)]
+
+  reference = tmp / "reference"
+  reference_config = config(data_dir)
+  reference_config.checkpoint.update(every=1, keep=STEPS)
+  train.train_and_evaluate(reference_config, str(reference))
+
+  resumed = tmp / "resumed"
+  shutil.copytree(two, resumed)
+  resumed_log = run([*worker, "--workdir", str(resumed), "--record_dir", str(tmp / "records_one")],
+                    dict(XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                         JAX_PLATFORMS="cpu"), 300)
+  return dict(tmp=tmp, data=data_dir, two=two, two_log=two_log, stopped=stopped,
+              reference=reference, resumed=resumed, resumed_log=resumed_log)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(scenario):
+  stopped = scenario["stopped"]
+  assert len(stopped) == 2 and stopped[0] == stopped[1], scenario["two_log"][-3000:]
+  assert SIGTERM_AFTER < stopped[0] < STEPS
+  assert max(line["step"] for line in metrics(scenario["two"], "train")) == stopped[0]
+
+
+def test_two_processes_match_one_process(scenario):
+  """Same global batches, same parameters, optimizer state, losses and validation metrics."""
+  step = scenario["stopped"][0]
+  two, one = state_at(scenario["two"], step), state_at(scenario["reference"], step)
+  for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  for split, key in (("train", "loss"), ("val", "val_loss")):
+    got = {m["step"]: m[key] for m in metrics(scenario["two"], split)}
+    want = {m["step"]: m[key] for m in metrics(scenario["reference"], split)}
+    common = sorted(set(got) & set(want))
+    assert common, (split, got, want)
+    np.testing.assert_allclose([got[s] for s in common], [want[s] for s in common], rtol=1e-5,
+                               err_msg=f"{split} at steps {common}")
+
+
+def test_every_record_once_per_epoch_across_processes(scenario):
+  step = scenario["stopped"][0]
+  halves = recorded(scenario["tmp"] / "records_two", 2)
+  assert len(halves[0]) == len(halves[1]) == step
+  by_step = []
+  for first, second in zip(*halves):
+    assert len(first) == len(second) == GLOBAL_BATCH // 2
+    by_step.append(first + second)
+  by_step += recorded(scenario["tmp"] / "records_one", 1)[0]  # the resumed run's steps
+  assert len(by_step) == STEPS
+  image_ids, _ = experiment.record_ids(experiment.split_source(config(scenario["data"]), "train"))
+  train_records = sorted(int(image_id.split("_")[0]) for image_id in image_ids)
+  assert len(train_records) == RECORDS
+  for epoch in range(STEPS // STEPS_PER_EPOCH):
+    seen = sum(by_step[epoch * STEPS_PER_EPOCH:(epoch + 1) * STEPS_PER_EPOCH], [])
+    assert sorted(seen) == train_records, f"epoch {epoch}"
+
+
+def test_only_process_zero_writes(scenario):
+  """The dataset, metrics, TensorBoard and checkpoints are written once, not once per process."""
+  two, step = scenario["two"], scenario["stopped"][0]
+  train_steps = [line["step"] for line in metrics(two, "train")]
+  assert train_steps == list(range(1, step + 1))
+  assert len(os.listdir(two / "tensorboard")) == 1
+  checkpoints = os.listdir(two / "checkpoints")
+  assert all(name.isdigit() for name in checkpoints), checkpoints  # no temporary folder left
+  assert max(map(int, checkpoints)) == step
+  for name in checkpoints:
+    assert os.path.exists(two / "checkpoints" / name / "commit_success.txt")
+  logs = [(scenario["tmp"] / "logs" / f"process_{p}.log").read_text() for p in (0, 1)]
+  assert all("process %d of 2, 4 local / 8 global devices" % p in logs[p] for p in (0, 1))
+  assert "preparing" in logs[0] and "preparing" not in logs[1]  # the dataset, by process 0 only
+  assert f"step 1/{STEPS}" in logs[0] and f"step 1/{STEPS}" not in logs[1]  # progress lines
+
+
+def test_checkpoint_of_two_processes_resumes_on_one_device(scenario):
+  step, log = scenario["stopped"][0], scenario["resumed_log"]
+  assert f"resumed from step {step}" in log and "jax.distributed" not in log
+  lines = metrics(scenario["resumed"], "train")
+  assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
+  losses = {m["step"]: m["loss"] for m in lines}
+  reference = {m["step"]: m["loss"] for m in metrics(scenario["reference"], "train")}
+  for s in range(step + 1, STEPS + 1):
+    np.testing.assert_allclose(losses[s], reference[s], rtol=1e-5, err_msg=f"step {s}")
+  finished, straight = state_at(scenario["resumed"], STEPS), state_at(scenario["reference"], STEPS)
+  for a, b in zip(jax.tree.leaves(finished), jax.tree.leaves(straight)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
