@@ -24,6 +24,25 @@ PRESETS = {
 }
 
 
+class PointwiseConv(nn.Module):
+  """A bias-free 1x1 stride-1 convolution computed as a matmul over the channel axis.
+
+  The parameter (`kernel`, shape (1, 1, in, out), float32) and the math are `nn.Conv`'s. XLA:CPU
+  runs a convolution's weight gradient as a whole-image convolution of transposed activations;
+  as a matmul it needs no transposes, and DenseNet-121's train step is 15-25% faster on CPU.
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return jnp.dot(x, kernel[0, 0])
+
+
 def conv(
     features: int,
     kernel: int,
@@ -34,11 +53,14 @@ def conv(
     dtype: Any = jnp.float32,
     kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
     name: str | None = None,
-) -> nn.Conv:
+) -> nn.Module:
   """A bias-free square conv with PyTorch's Conv2d geometry (symmetric explicit padding).
 
-  The default init is PyTorch's `kaiming_normal_` (fan_in, ReLU gain, untruncated).
+  The default init is PyTorch's `kaiming_normal_` (fan_in, ReLU gain, untruncated). A 1x1
+  stride-1 conv is a `PointwiseConv`, with the same parameter.
   """
+  if kernel == 1 and stride == 1 and padding == 0:
+    return PointwiseConv(features, dtype=dtype, kernel_init=kernel_init, name=name)
   return nn.Conv(
       features,
       (kernel, kernel),
