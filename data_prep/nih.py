@@ -218,6 +218,17 @@ def _parse_xywh(texts: Sequence[str]) -> tuple[float, float, float, float]:
   return x, y, w, h
 
 
+def _usable(image_id: str, what: str, entries: dict[str, Entry], bad: common.BadInputs,
+            path: str, line: int, data_entry: str) -> bool:
+  """Whether a row about `image_id` applies: not for a dropped image; an unknown one is bad input."""
+  if image_id in bad.dropped:
+    return False
+  if image_id not in entries:
+    bad.report(BadInputError(path, line, f"{what} for {image_id}, which is not in {data_entry}"))
+    return False
+  return True
+
+
 def read_bbox_list(path: str, data_entry: str, entries: dict[str, Entry],
                    bad: common.BadInputs) -> dict[str, list[Box]]:
   """The boxes of BBox_List_2017.csv by image; its fields are read by position."""
@@ -231,12 +242,8 @@ def read_bbox_list(path: str, data_entry: str, entries: dict[str, Entry],
     except ValueError as e:
       bad.report(BadInputError(path, line, str(e)))
       continue
-    if image_id in bad.dropped:
-      continue
-    if image_id not in entries:
-      bad.report(BadInputError(path, line, f"box for {image_id}, which is not in {data_entry}"))
-      continue
-    boxes[image_id].append(box)
+    if _usable(image_id, "box", entries, bad, path, line, data_entry):
+      boxes[image_id].append(box)
   return boxes
 
 
@@ -275,10 +282,7 @@ def read_extras(src: str, data_entry: str, entries: dict[str, Entry],
     except ValueError as e:
       bad.report(BadInputError(path, line, str(e)))
       continue
-    if image_id in bad.dropped:
-      continue
-    if image_id not in entries:
-      bad.report(BadInputError(path, line, f"finding for {image_id}, which is not in {data_entry}"))
+    if not _usable(image_id, "finding", entries, bad, path, line, data_entry):
       continue
     extras.boxes[image_id].append(box)
     vector = extras.fine_labels.setdefault(image_id, np.zeros(len(fine_names), np.float32))

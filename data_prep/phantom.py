@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cxr_jax.data import labels as label_lib
+from cxr_jax.data import writer
 
 GENERATOR_VERSION = "1.0"
 
@@ -1482,7 +1483,7 @@ def generate(out_dir: str | os.PathLike, num_patients: int, image_size: int = 51
                      test_fraction=test_fraction, label_noise=label_noise,
                      prevalence=dict(prevalence or {}), no_finding=no_finding)
     summary = _write_tables(tmp, rows, test, image_size, arguments, prevalence_all, no_finding)
-    _replace_dir(tmp, out_dir)
+    writer.replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -1538,19 +1539,6 @@ def _write_tables(out: str, rows: list[dict[str, Any]], test: set[int], size: in
     json.dump(summary, f, indent=1)
     f.write("\n")
   return summary
-
-
-def _replace_dir(src: str, dst: str) -> None:
-  """Moves the finished `src` to `dst`, replacing an existing `dst` only at the very end."""
-  if os.path.isdir(dst) and not os.listdir(dst):
-    os.rmdir(dst)
-  if not os.path.exists(dst):
-    os.rename(src, dst)
-    return
-  old = f"{dst}.old-{os.getpid()}"
-  os.rename(dst, old)
-  os.rename(src, dst)
-  shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------------------------------------

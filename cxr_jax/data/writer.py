@@ -144,7 +144,7 @@ class DatasetWriter:
     with open(os.path.join(self.tmp_dir, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
     _write_tfds_metadata(self.tmp_dir, manifest)
-    _replace_dir(self.tmp_dir, self.out_dir)
+    replace_dir(self.tmp_dir, self.out_dir)
     logging.info("wrote %s: %s", self.out_dir,
                  ", ".join(f"{s}={v['num_records']}" for s, v in splits.items()))
 
@@ -188,7 +188,7 @@ def _write_tfds_metadata(data_dir: str, manifest: dict[str, Any]) -> None:
                                      description=description, check_data=False)
 
 
-def _replace_dir(src: str, dst: str) -> None:
+def replace_dir(src: str, dst: str) -> None:
   """Moves `src` to `dst`, replacing an existing `dst` only after `src` is complete."""
   if os.path.isdir(dst) and not os.listdir(dst):
     os.rmdir(dst)
