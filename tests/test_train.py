@@ -8,12 +8,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import datasets
 from cxr_jax import checkpoint, experiment, parallel, steps, train
 from cxr_jax.data import pipeline, writer
+from cxr_jax.interop import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,3 +125,36 @@ def test_missing_checkpoint_is_an_error(data_dir, tmp_path):
   config_utils.save(datasets.tiny_config(data_dir), str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     experiment.restore_for_inference(str(tmp_path), "best")
+
+
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, keep_best=1)
+  for step, auc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7)]:
+    ckpt.save(step, {"w": jnp.full(3, float(step))}, {"next_batch": step},
+              metrics={checkpoint.BEST_METRIC: auc})
+  ckpt.wait()
+  assert sorted(ckpt.manager.all_steps()) == [2, 3, 4]
+  assert ckpt.resolve("best") == 2 and ckpt.resolve("latest") == 4
+  restored = ckpt.restore_state(2, checkpoint.abstract({"w": jnp.zeros(3)}))
+  np.testing.assert_array_equal(restored["w"], [2.0, 2.0, 2.0])
+  with pytest.raises(FileNotFoundError, match=r"available steps: \[2, 3, 4\]"):
+    ckpt.resolve(1)
+
+
+def test_init_from_fills_the_backbone_and_keeps_a_fresh_head(data_dir, tmp_path):
+  config = datasets.tiny_config(data_dir)
+  manifest = writer.load_manifest(data_dir)
+  run = experiment.assemble(config, manifest)
+  example = experiment.example_batch(experiment.train_dataset(config, manifest))
+  donor = steps.init_variables(run.model, config, jax.random.PRNGKey(7), example, run.method)
+  weights = tmp_path / "donor.safetensors"
+  convert.state_dict_to_safetensors(convert.to_state_dict(donor, convert.torch_names(config)),
+                                    str(weights))
+  config.init_from = str(weights)
+  state = experiment.initial_state(run, example)
+  for got, want in zip(jax.tree.leaves(state.params["backbone"]),
+                       jax.tree.leaves(donor["params"]["backbone"])):
+    np.testing.assert_array_equal(got, want)
+  for got, want in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(donor["batch_stats"])):
+    np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(state.params["head"]["kernel"], donor["params"]["head"]["kernel"])
