@@ -70,22 +70,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cxr_jax import experiment, layers, parallel, steps
+from cxr_jax import config_utils, experiment, layers, parallel, steps
 from cxr_jax.data import labels as labels_lib
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first, the first call included.")
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: config.train.global_batch).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Image side (default: config.data.image_size).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                           "Compute dtype (default: config.dtype).")
-_REMAT = flags.DEFINE_bool("remat", None, "Rematerialise backbone blocks (default: the config's).")
-_TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch mirror on the same batch.")
-_CHANNELS_LAST = flags.DEFINE_bool("torch_channels_last", True, "PyTorch in channels_last layout.")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
-                                  "Peak TFLOP/s of one device for the MFU (default: PEAK_TFLOPS).")
-_OUTPUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
 
 # Dense (no sparsity) peak TFLOP/s of one JAX device, by compute dtype; the first key that is a
 # substring of the lower-cased device kind wins. "float32" is the TF32 tensor-core peak on NVIDIA
@@ -393,18 +379,32 @@ def _rounded(value: Any) -> Any:
 
 def main(argv):
   del argv
-  config = apply_overrides(_CONFIG.value, batch=_BATCH.value, image_size=_IMAGE_SIZE.value,
-                           dtype=_DTYPE.value, remat=_REMAT.value)
-  record = benchmark(config, steps_timed=_STEPS.value, warmup=_WARMUP.value,
-                     with_torch=_TORCH.value, channels_last=_CHANNELS_LAST.value,
-                     peak=_PEAK_TFLOPS.value)
-  record = dict(config=config_flags.get_config_filename(flags.FLAGS["config"]), **record)
+  args = flags.FLAGS
+  config = apply_overrides(args.config, batch=args.batch, image_size=args.image_size,
+                           dtype=args.dtype, remat=args.remat)
+  record = benchmark(config, steps_timed=args.steps, warmup=args.warmup, with_torch=args.torch,
+                     channels_last=args.torch_channels_last, peak=args.peak_tflops)
+  record = dict(config=config_flags.get_config_filename(args["config"]), **record)
   line = json.dumps(_rounded(record))
   print(line, flush=True)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "a") as f:
+  if args.output:
+    with open(args.output, "a") as f:
       f.write(line + "\n")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # Flags are defined here, not at import, so that the CLIs' functions import side by side.
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up).")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps first, the first call included.")
+  flags.DEFINE_integer("batch", None, "Global batch (default: config.train.global_batch).")
+  flags.DEFINE_integer("image_size", None, "Image side (default: config.data.image_size).")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config.dtype).")
+  flags.DEFINE_bool("remat", None, "Rematerialise backbone blocks (default: the config's).")
+  flags.DEFINE_bool("torch", False, "Also time the PyTorch mirror on the same batch.")
+  flags.DEFINE_bool("torch_channels_last", True, "PyTorch in channels_last layout.")
+  flags.DEFINE_float("peak_tflops", None,
+                     "Peak TFLOP/s of one device for the MFU (default: PEAK_TFLOPS).")
+  flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
+  flags.mark_flag_as_required("config")
+  app.run(main, flags_parser=config_utils.parse_flags)
