@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from cxr_jax import metrics
+from cxr_jax import losses, metrics
 from cxr_jax.data import augment, labels, records, tfrecord, writer
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A prepared dataset folder.", required=True)
@@ -28,7 +28,7 @@ def load(data_dir: str, split: str, size: int) -> tuple[np.ndarray, np.ndarray, 
   """(pixels (N, size*size) float32, targets (N, K), mask (N, K)) of a split, no augmentation."""
   source = records.split_source(data_dir, split)
   num_labels = len(writer.load_manifest(data_dir)["label_names"])
-  codes = labels.resolve_policies(["_"] * num_labels, "ignore")
+  codes = np.full(num_labels, labels.POLICIES.index("ignore"))
   pixels, targets, masks = [], [], []
   for i in range(len(source)):
     ex = tfrecord.parse(source[i])
@@ -44,9 +44,7 @@ def fit(x: np.ndarray, y: np.ndarray, mask: np.ndarray, l2: float, iterations: i
   x1 = jnp.concatenate([x, jnp.ones((len(x), 1))], axis=1)
 
   def loss(w):
-    logits = x1 @ w
-    bce = jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-    return jnp.sum(bce * mask) / jnp.sum(mask) + l2 * jnp.sum(w[:-1] ** 2)
+    return losses.bce(x1 @ w, y, mask) + l2 * jnp.sum(w[:-1] ** 2)
 
   solver = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)

@@ -7,8 +7,12 @@ mean "the architecture's default".
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
+
+from cxr_jax.data import augment
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -51,9 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.verify_crc = True
   c.data.worker_count = 0  # decoding processes per host; 0 decodes in the training process
   c.data.prefetch = 2  # batches buffered per worker
-  c.data.augment = ml_collections.ConfigDict(dict(
-      rotate_deg=7.0, scale=(0.9, 1.1), translate=0.05, brightness=0.1, contrast=0.1,
-      hflip=False))
+  c.data.augment = ml_collections.ConfigDict(dataclasses.asdict(augment.AugmentParams()))
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "baseline"

@@ -1,5 +1,4 @@
-"""Test setup: 8 fake CPU devices and a shared compilation cache (set before JAX starts), and
-parsed absl flags for grain workers."""
+"""Test setup: 8 fake CPU devices and a shared compilation cache, set before JAX starts."""
 
 import os
 import tempfile
@@ -10,11 +9,3 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "cxr_jax_tests_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from absl import flags  # noqa: E402
-
-
-def pytest_configure(config):
-  del config
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()

@@ -8,12 +8,13 @@ N > 0 uses N grain worker processes. Prints one JSON line per setting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 from absl import app, flags
 
-from cxr_jax.data import pipeline, records, writer
+from cxr_jax.data import augment, pipeline, records, writer
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A prepared dataset folder.", required=True)
 _SPLIT = flags.DEFINE_string("split", "train", "Split to read.")
@@ -42,8 +43,7 @@ def main(argv):
   manifest = writer.load_manifest(_DATA_DIR.value)
   data_config = dict(image_size=_IMAGE_SIZE.value, uncertainty="ignore", uncertainty_per_label="",
                      load_anatomy=False, max_boxes=64,
-                     augment=dict(rotate_deg=7.0, scale=(0.9, 1.1), translate=0.05,
-                                  brightness=0.1, contrast=0.1, hflip=False))
+                     augment=dataclasses.asdict(augment.AugmentParams()))
   spec = pipeline.make_spec(data_config, manifest, train=_AUGMENT.value)
   source = records.split_source(_DATA_DIR.value, _SPLIT.value)
   ds = pipeline.train_dataset(source, spec, global_batch=_BATCH.value, seed=0)
