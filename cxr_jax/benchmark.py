@@ -6,7 +6,7 @@
 
 Prints one JSON line per invocation (one setting). The batch is synthetic: uint8 images of the
 config's size, random labels, every label known; it is placed on the devices once, so this times
-the step alone (the input pipeline has its own benchmark, `cxr_jax.data.benchmark`). The step is
+the step alone (the input pipeline has its own benchmark, `cxr_jax.data.throughput`). The step is
 the trainer's: `steps.make_train_step` with the config's model, loss and optimizer, jitted, sharded
 over every local device, state donated. Fields of the `jax` part:
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from cxr_jax import experiment, metrics, parallel, steps, writers
+from cxr_jax import experiment, metrics, parallel, steps, run_log
 
 def evaluate(workdir: str, split: str = "test", which: str = "best",
              n_boot: int | None = None) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def write_predictions(path: str, image_ids: list[str], probs: np.ndarray, label_
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  writers.quiet_library_logs()
+  run_log.quiet_library_logs()
   args = flags.FLAGS
   report = evaluate(args.workdir, args.split, args.checkpoint, args.bootstrap)
   if parallel.is_main_process():

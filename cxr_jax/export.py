@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from cxr_jax import experiment, layers, writers
+from cxr_jax import experiment, layers, run_log
 from cxr_jax.interop import convert
 
 WEIGHTS, CONFIG, LABELS, PREPROCESSING, TORCHSCRIPT = (
@@ -128,7 +128,7 @@ def export(workdir: str, out: str, which: str = "best") -> dict[str, Any]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  writers.quiet_library_logs()
+  run_log.quiet_library_logs()
   result = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.checkpoint)
   print(f"exported step {result['step']} to {result['out']}: {', '.join(result['files'])}")
 

@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from cxr_jax import checkpoint, config_utils, experiment, parallel, steps, writers
+from cxr_jax import checkpoint, config_utils, experiment, parallel, steps, run_log
 from cxr_jax.data import pipeline
 
 
@@ -98,8 +98,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_iter = pipeline.to_iterator(train_ds[start:], worker_count=config.data.worker_count,
                                    prefetch=config.data.prefetch)
 
-  log = writers.MetricWriter(workdir, enabled=parallel.is_main_process())
-  progress = writers.Progress(config.train.steps, config.train.global_batch, start)
+  log = run_log.MetricWriter(workdir, enabled=parallel.is_main_process())
+  progress = run_log.Progress(config.train.steps, config.train.global_batch, start)
   stop = StopRequest()
   last: dict[str, Any] = {}
   try:
@@ -173,7 +173,7 @@ def log_train(log, progress, step, train_metrics, schedule, ckpt) -> dict[str, f
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  writers.quiet_library_logs()
+  run_log.quiet_library_logs()
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -2,7 +2,7 @@
 # One prepared benchmark for a single-GPU machine, finished within 8 minutes:
 #   - DenseNet-121 training steps at 224 px (batch 64) and 512 px (batch 16), bfloat16 and float32,
 #     in JAX and in PyTorch (`python -m cxr_jax.benchmark --torch`, 10 warm-up + 20 timed steps),
-#   - the input pipeline with every core (`python -m cxr_jax.data.benchmark`) on 512 px phantom
+#   - the input pipeline with every core (`python -m cxr_jax.data.throughput`) on 512 px phantom
 #     shards generated here, cropped to 224 and 512.
 # Every result is one JSON line in ${OUT:-$PWD}/gpu_benchmark.jsonl; each command's log goes to
 # gpu_benchmark.log beside it. A run that fails, times out or no longer fits the time budget
@@ -138,7 +138,7 @@ for setting in "${PIPELINE[@]}"; do
   read -r size batch <<<"$setting"
   if [[ -f "$WORK/shards/cxr_manifest.json" ]]; then
     run "input_pipeline ${size}px" "$(($(remaining) - 5))" \
-      "$PYTHON" -m cxr_jax.data.benchmark --data_dir "$WORK/shards" --image_size "$size" \
+      "$PYTHON" -m cxr_jax.data.throughput --data_dir "$WORK/shards" --image_size "$size" \
       --batch "$batch" --batches "$BATCHES" --workers "$NPROC"
   else
     record_failure "input_pipeline ${size}px" "skipped: no shards"

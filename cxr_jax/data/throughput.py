@@ -1,6 +1,6 @@
 """Input pipeline throughput: decode + augment + batch, in images/s per worker.
 
-  python -m cxr_jax.data.benchmark --data_dir out/shards512 --image_size 224 --workers 0,1,2
+  python -m cxr_jax.data.throughput --data_dir out/shards512 --image_size 224 --workers 0,1,2
 
 `--workers 0` decodes in the measuring process with one thread (one core's worth of work);
 N > 0 uses N grain worker processes. Prints one JSON line per setting.
