@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cxr_jax import metrics
+from cxr_jax.metrics import classification as metrics
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Hernia")
 
