@@ -1,4 +1,5 @@
-"""Tests for cxr_jax.metrics: AUC and AUPRC against sklearn, masking, and the patient bootstrap."""
+"""Tests for cxr_jax.metrics.classification and .bootstrap: AUC and AUPRC against sklearn,
+masking, and the patient bootstrap."""
 
 import json
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cxr_jax.metrics import classification as metrics
+from cxr_jax.metrics import bootstrap, classification
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Hernia")
 
@@ -31,7 +32,7 @@ def test_roc_auc_matches_sklearn_on_random_scores(n):
   for _ in range(5):
     targets = _both_classes(rng, n)
     scores = rng.normal(size=n) + targets
-    assert metrics.roc_auc(scores, targets) == pytest.approx(
+    assert classification.roc_auc(scores, targets) == pytest.approx(
         skm.roc_auc_score(targets, scores), abs=1e-12)
 
 
@@ -42,7 +43,7 @@ def test_roc_auc_matches_sklearn_on_heavy_ties(decimals):
     targets = _both_classes(rng, n)
     scores = np.round(rng.random(n) + 0.3 * targets, decimals)
     assert len(np.unique(scores)) < n / 2 or n == 5
-    assert metrics.roc_auc(scores, targets) == pytest.approx(
+    assert classification.roc_auc(scores, targets) == pytest.approx(
         skm.roc_auc_score(targets, scores), abs=1e-12)
 
 
@@ -52,14 +53,15 @@ def test_roc_auc_counts_tied_pairs_as_half():
   scores = rng.integers(0, 4, 60).astype(float)
   pos, neg = scores[targets == 1], scores[targets == 0]
   wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
-  assert metrics.roc_auc(scores, targets) == pytest.approx(wins / (len(pos) * len(neg)), abs=1e-12)
-  assert metrics.roc_auc(np.full(60, 0.3), targets) == 0.5
+  assert classification.roc_auc(scores, targets) == pytest.approx(
+      wins / (len(pos) * len(neg)), abs=1e-12)
+  assert classification.roc_auc(np.full(60, 0.3), targets) == 0.5
 
 
 def test_roc_auc_is_nan_without_both_classes():
-  assert np.isnan(metrics.roc_auc([0.1, 0.9, 0.4], [0, 0, 0]))
-  assert np.isnan(metrics.roc_auc([0.1, 0.9, 0.4], [1, 1, 1]))
-  assert np.isnan(metrics.roc_auc([], []))
+  assert np.isnan(classification.roc_auc([0.1, 0.9, 0.4], [0, 0, 0]))
+  assert np.isnan(classification.roc_auc([0.1, 0.9, 0.4], [1, 1, 1]))
+  assert np.isnan(classification.roc_auc([], []))
 
 
 @pytest.mark.parametrize("decimals", [None, 1, 0])
@@ -70,17 +72,17 @@ def test_average_precision_matches_sklearn(decimals):
     scores = rng.random(n) + 0.4 * targets
     if decimals is not None:
       scores = np.round(scores, decimals)
-    assert metrics.average_precision(scores, targets) == pytest.approx(
+    assert classification.average_precision(scores, targets) == pytest.approx(
         skm.average_precision_score(targets, scores), abs=1e-12)
 
 
 def test_average_precision_edge_cases():
   targets = np.array([0, 1, 1, 0, 1])
   constant = np.full(5, 0.5)
-  assert metrics.average_precision(constant, targets) == pytest.approx(
+  assert classification.average_precision(constant, targets) == pytest.approx(
       skm.average_precision_score(targets, constant))
-  assert metrics.average_precision([0.2, 0.1, 0.7], [1, 1, 1]) == 1.0
-  assert np.isnan(metrics.average_precision([0.2, 0.1, 0.7], [0, 0, 0]))
+  assert classification.average_precision([0.2, 0.1, 0.7], [1, 1, 1]) == 1.0
+  assert np.isnan(classification.average_precision([0.2, 0.1, 0.7], [0, 0, 0]))
 
 
 def test_counted_targets_must_be_binary_and_scores_finite():
@@ -88,18 +90,18 @@ def test_counted_targets_must_be_binary_and_scores_finite():
   uncertain = targets.astype(float)
   uncertain[0, 0] = -1
   with pytest.raises(ValueError, match="0 or 1"):
-    metrics.per_class_auc(scores, uncertain)
+    classification.per_class_auc(scores, uncertain)
   mask = np.ones_like(targets, bool)
   mask[0, 0] = False
-  expected = [metrics.roc_auc(scores[1:, 0], targets[1:, 0]),
-              metrics.roc_auc(scores[:, 1], targets[:, 1])]
-  np.testing.assert_array_equal(metrics.per_class_auc(scores, uncertain, mask), expected)
+  expected = [classification.roc_auc(scores[1:, 0], targets[1:, 0]),
+              classification.roc_auc(scores[:, 1], targets[:, 1])]
+  np.testing.assert_array_equal(classification.per_class_auc(scores, uncertain, mask), expected)
   broken = scores.copy()
   broken[2, 1] = np.nan
   with pytest.raises(ValueError, match="finite"):
-    metrics.per_class_auc(broken, targets)
+    classification.per_class_auc(broken, targets)
   with pytest.raises(ValueError, match="must both be"):
-    metrics.roc_auc([0.1, 0.2], [0, 1, 1])
+    classification.roc_auc([0.1, 0.2], [0, 1, 1])
 
 
 def test_per_class_metrics_with_mask_and_unknown_labels_match_sklearn():
@@ -108,15 +110,15 @@ def test_per_class_metrics_with_mask_and_unknown_labels_match_sklearn():
   mask = rng.random((300, 5)) < 0.8
   targets[rng.random((300, 5)) < 0.1] = np.nan  # unknown labels are never counted
   counted = mask & ~np.isnan(targets)
-  aucs = metrics.per_class_auc(scores, targets, mask)
-  aps = metrics.per_class_average_precision(scores, targets, mask)
+  aucs = classification.per_class_auc(scores, targets, mask)
+  aps = classification.per_class_average_precision(scores, targets, mask)
   for k in range(5):
     y, s = targets[counted[:, k], k], scores[counted[:, k], k]
     assert aucs[k] == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
     assert aps[k] == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
   # Garbage behind the mask must not matter.
   hidden = np.where(counted, scores, 1e6)
-  np.testing.assert_array_equal(metrics.per_class_auc(hidden, targets, mask), aucs)
+  np.testing.assert_array_equal(classification.per_class_auc(hidden, targets, mask), aucs)
 
 
 def test_single_class_columns_are_nan_and_left_out_of_the_mean():
@@ -125,12 +127,12 @@ def test_single_class_columns_are_nan_and_left_out_of_the_mean():
   targets[:, 1] = 0
   mask = np.ones((200, 4), bool)
   mask[:, 3] = False  # a class with no counted example at all
-  aucs = metrics.per_class_auc(scores, targets, mask)
+  aucs = classification.per_class_auc(scores, targets, mask)
   assert np.isnan(aucs[[1, 3]]).all() and np.isfinite(aucs[[0, 2]]).all()
-  mean, skipped = metrics.mean_auc(aucs)
+  mean, skipped = classification.mean_auc(aucs)
   assert mean == pytest.approx((aucs[0] + aucs[2]) / 2)
   np.testing.assert_array_equal(skipped, [1, 3])
-  assert np.isnan(metrics.mean_auc([np.nan, np.nan])[0])
+  assert np.isnan(classification.mean_auc([np.nan, np.nan])[0])
 
 
 def test_bootstrap_resamples_equal_sklearn_on_materialised_patient_resamples():
@@ -140,8 +142,8 @@ def test_bootstrap_resamples_equal_sklearn_on_materialised_patient_resamples():
   patients[:n_patients] = np.arange(n_patients)  # every id in use, so ids are the cluster index
   scores, targets = _informative(rng, n, 3)
   scores = np.round(scores, 1)  # ties across resampled copies too
-  result = metrics.bootstrap_auc(scores, targets, None, patients, n_boot=n_resamples, seed=11)
-  counts = metrics._draw_counts(np.random.default_rng(11), n_patients, n_resamples)
+  result = bootstrap.bootstrap_auc(scores, targets, None, patients, n_boot=n_resamples, seed=11)
+  counts = bootstrap._draw_counts(np.random.default_rng(11), n_patients, n_resamples)
   for b in range(n_resamples):
     # The resample as a list of images: every image of a drawn patient, once per draw.
     rows = np.concatenate([np.flatnonzero(patients == p).repeat(int(counts[p, b]))
@@ -156,9 +158,9 @@ def test_bootstrap_is_deterministic_with_the_seed():
   rng = np.random.default_rng(7)
   scores, targets = _informative(rng, 300, 3)
   patients = rng.integers(0, 100, 300)
-  first = metrics.bootstrap_auc(scores, targets, None, patients, n_boot=100, seed=3)
-  again = metrics.bootstrap_auc(scores, targets, None, patients, n_boot=100, seed=3)
-  other = metrics.bootstrap_auc(scores, targets, None, patients, n_boot=100, seed=4)
+  first = bootstrap.bootstrap_auc(scores, targets, None, patients, n_boot=100, seed=3)
+  again = bootstrap.bootstrap_auc(scores, targets, None, patients, n_boot=100, seed=3)
+  other = bootstrap.bootstrap_auc(scores, targets, None, patients, n_boot=100, seed=4)
   np.testing.assert_array_equal(first.class_samples, again.class_samples)
   np.testing.assert_array_equal(first.class_ci, again.class_ci)
   assert not np.array_equal(first.class_samples, other.class_samples)
@@ -168,14 +170,14 @@ def test_bootstrap_ci_contains_the_point_estimate():
   rng = np.random.default_rng(8)
   scores, targets = _informative(rng, 600, 4)
   patients = rng.integers(0, 200, 600)
-  result = metrics.bootstrap_auc(scores, targets, None, patients, n_boot=300, seed=0)
-  aucs = metrics.per_class_auc(scores, targets)
+  result = bootstrap.bootstrap_auc(scores, targets, None, patients, n_boot=300, seed=0)
+  aucs = classification.per_class_auc(scores, targets)
   assert (result.class_ci[:, 0] < aucs).all() and (aucs < result.class_ci[:, 1]).all()
-  mean = metrics.mean_auc(aucs)[0]
+  mean = classification.mean_auc(aucs)[0]
   assert result.mean_ci[0] < mean < result.mean_ci[1]
   np.testing.assert_array_equal(result.class_n_used, 300)
   assert result.mean_n_used == 300
-  narrower = metrics.bootstrap_auc(scores, targets, None, patients, n_boot=300, level=0.5)
+  narrower = bootstrap.bootstrap_auc(scores, targets, None, patients, n_boot=300, level=0.5)
   assert (narrower.class_ci[:, 0] > result.class_ci[:, 0]).all()
   assert (narrower.class_ci[:, 1] < result.class_ci[:, 1]).all()
 
@@ -188,9 +190,9 @@ def test_bootstrap_resamples_whole_patients():
   # resampling wrongly sees four times as many independent cases and shrinks the interval.
   copies = (np.repeat(scores, 4, axis=0), np.repeat(targets, 4, axis=0), np.repeat(patients, 4))
   kwargs = dict(n_boot=200, seed=1)
-  once = metrics.bootstrap_auc(scores, targets, None, patients, **kwargs)
-  by_patient = metrics.bootstrap_auc(copies[0], copies[1], None, copies[2], **kwargs)
-  by_image = metrics.bootstrap_auc(copies[0], copies[1], None, None, **kwargs)
+  once = bootstrap.bootstrap_auc(scores, targets, None, patients, **kwargs)
+  by_patient = bootstrap.bootstrap_auc(copies[0], copies[1], None, copies[2], **kwargs)
+  by_image = bootstrap.bootstrap_auc(copies[0], copies[1], None, None, **kwargs)
   np.testing.assert_allclose(by_patient.class_samples, once.class_samples, atol=1e-12)
   width = lambda result: np.diff(result.class_ci, axis=1).ravel()
   assert (width(by_image) < 0.7 * width(by_patient)).all()
@@ -202,7 +204,7 @@ def test_bootstrap_drops_resamples_where_a_class_is_single_valued():
   patients = np.arange(120) // 2
   targets[:, 1] = 0
   targets[0, 1] = 1  # one positive: about 1/e of the resamples miss its patient
-  result = metrics.bootstrap_auc(scores, targets, None, patients, n_boot=300, seed=2)
+  result = bootstrap.bootstrap_auc(scores, targets, None, patients, n_boot=300, seed=2)
   dropped = np.isnan(result.class_samples[:, 1])
   assert 0.2 < dropped.mean() < 0.55
   assert result.class_n_used[1] == 300 - dropped.sum()
@@ -223,11 +225,11 @@ def test_padded_examples_change_nothing():
   pad_mask = np.vstack([mask, np.zeros((10, 3), bool)])
   pad_patients = np.concatenate([patients, np.full(10, "")])
   kwargs = dict(n_boot=50, seed=0)
-  plain = metrics.bootstrap_auc(scores, targets, mask, patients, **kwargs)
-  padded = metrics.bootstrap_auc(pad_scores, pad_targets, pad_mask, pad_patients, **kwargs)
+  plain = bootstrap.bootstrap_auc(scores, targets, mask, patients, **kwargs)
+  padded = bootstrap.bootstrap_auc(pad_scores, pad_targets, pad_mask, pad_patients, **kwargs)
   np.testing.assert_array_equal(padded.class_samples, plain.class_samples)
-  report = metrics.evaluate_predictions(pad_scores, pad_targets, pad_mask, LABELS[:3],
-                                        pad_patients, **kwargs)
+  report = classification.evaluate_predictions(pad_scores, pad_targets, pad_mask, LABELS[:3],
+                                               pad_patients, **kwargs)
   assert report["n_examples"] == 150 and report["n_patients"] == len(set(patients))
 
 
@@ -237,11 +239,11 @@ def test_evaluate_predictions_report():
   targets[:, 3] = 0  # Hernia: no positive in this test set
   targets[:20, 0] = np.nan
   patients = rng.integers(0, 150, 400)
-  report = metrics.evaluate_predictions(scores, targets, None, LABELS, patients, n_boot=100,
-                                        seed=5)
+  report = classification.evaluate_predictions(scores, targets, None, LABELS, patients,
+                                               n_boot=100, seed=5)
   json.dumps(report, allow_nan=False)  # strict JSON: undefined values are None, not NaN
   assert list(report["classes"]) == list(LABELS)
-  aucs = metrics.per_class_auc(scores, targets)
+  aucs = classification.per_class_auc(scores, targets)
   atelectasis = report["classes"]["Atelectasis"]
   assert atelectasis["auc"] == pytest.approx(aucs[0])
   assert atelectasis["auprc"] == pytest.approx(
@@ -257,20 +259,20 @@ def test_evaluate_predictions_report():
   assert report["mean_auc_ci"][0] < report["mean_auc"] < report["mean_auc_ci"][1]
   assert report["n_patients"] == len(np.unique(patients))
   assert report["bootstrap"] == {"n_boot": 100, "level": 0.95, "seed": 5, "unit": "patient"}
-  quick = metrics.evaluate_predictions(scores, targets, None, LABELS, n_boot=0)
+  quick = classification.evaluate_predictions(scores, targets, None, LABELS, n_boot=0)
   assert quick["mean_auc_ci"] is None and quick["classes"]["Effusion"]["auc_ci"] is None
   assert quick["mean_auc"] == report["mean_auc"]
   with pytest.raises(ValueError, match="distinct label names"):
-    metrics.evaluate_predictions(scores, targets, None, LABELS[:3], n_boot=0)
+    classification.evaluate_predictions(scores, targets, None, LABELS[:3], n_boot=0)
 
 
 def test_format_table():
   rng = np.random.default_rng(14)
   scores, targets = _informative(rng, 200, 4)
   targets[:, 3] = 0
-  report = metrics.evaluate_predictions(scores, targets, None, LABELS, rng.integers(0, 80, 200),
-                                        n_boot=50)
-  lines = metrics.format_table(report).splitlines()
+  report = classification.evaluate_predictions(scores, targets, None, LABELS,
+                                               rng.integers(0, 80, 200), n_boot=50)
+  lines = classification.format_table(report).splitlines()
   header, rows, mean = lines[0], lines[2:-2], lines[-1]
   assert [row.split()[0] for row in rows] == list(LABELS)
   assert "95% CI" in header and "AUPRC" in header
@@ -283,6 +285,6 @@ def test_format_table():
   low, high = report["mean_auc_ci"]
   assert f"[{low:.3f}, {high:.3f}]" in mean
   assert "n/a" in rows[3]
-  quick = metrics.format_table(metrics.evaluate_predictions(scores, targets, None, LABELS,
-                                                            n_boot=0))
+  quick = classification.format_table(
+      classification.evaluate_predictions(scores, targets, None, LABELS, n_boot=0))
   assert "CI" not in quick and "[" not in quick
