@@ -103,3 +103,16 @@ def normalize_images(
 def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:
   """Mean over the spatial axes of an NHWC map: (B, H, W, C) -> (B, C)."""
   return jnp.mean(x, axis=(1, 2))
+
+
+def make_blocks(block_cls: type[nn.Module], specs: Sequence[tuple[str, tuple[Any, ...]]], *,
+                remat: bool) -> list[nn.Module]:
+  """One `block_cls(*args, name=name)` per `(name, args)` in `specs`, for a backbone stage's loop.
+
+  Call it inside a compact method: the blocks become submodules of that module. With `remat`,
+  each block is recomputed in the backward pass instead of storing its activations; `nn.remat`
+  wraps the class only, so parameter names and shapes, on which torchvision's weight mapping
+  relies, are the same either way.
+  """
+  cls = nn.remat(block_cls) if remat else block_cls
+  return [cls(*args, name=name) for name, args in specs]

@@ -51,10 +51,10 @@ class _DenseBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    layer_cls = nn.remat(_DenseLayer) if self.remat else _DenseLayer
-    for i in range(self.num_layers):
-      new = layer_cls(self.growth_rate, self.bn_size, self.train, self.dtype, name=f"denselayer{i + 1}")(x)
-      x = jnp.concatenate([x, new], axis=-1)
+    args = (self.growth_rate, self.bn_size, self.train, self.dtype)
+    specs = [(f"denselayer{i + 1}", args) for i in range(self.num_layers)]
+    for layer in layers.make_blocks(_DenseLayer, specs, remat=self.remat):
+      x = jnp.concatenate([x, layer(x)], axis=-1)
     return x
 
 

@@ -94,10 +94,11 @@ class _Stage(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    block_cls = nn.remat(_Block) if self.remat else _Block
-    for i in range(self.num_blocks):
-      stride = self.stride if i == 0 else 1
-      x = block_cls(self.kind, self.width, stride, self.dilation, self.train, self.dtype, name=f"block{i}")(x)
+    specs = [(f"block{i}", (self.kind, self.width, self.stride if i == 0 else 1, self.dilation, self.train,
+                            self.dtype))
+             for i in range(self.num_blocks)]
+    for block in layers.make_blocks(_Block, specs, remat=self.remat):
+      x = block(x)
     return x
 
 
