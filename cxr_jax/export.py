@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
@@ -26,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from cxr_jax import experiment, layers, run_log
+from cxr_jax import experiment, fileutil, layers, run_log
 from cxr_jax.interop import convert
 
 WEIGHTS, CONFIG, LABELS, PREPROCESSING, TORCHSCRIPT = (
@@ -111,16 +110,9 @@ def export(workdir: str, out: str, which: str = "best") -> dict[str, Any]:
   if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
     raise FileExistsError(f"{out} exists and is not an empty folder: export into a new folder")
   run, state, step = experiment.restore_for_inference(workdir, which)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  staging = f"{out}.partial-{os.getpid()}"
-  os.mkdir(staging)
-  try:
+  with fileutil.staged_dir(out) as staging:
     files = _write(staging, run, state, step,
                    dict(checkpoint=str(which), workdir=os.path.abspath(workdir)))
-    os.replace(staging, out)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   logging.info("exported step %d of %s to %s: %s", step, workdir, out, ", ".join(files))
   return {"out": out, "step": step, "files": files}
 

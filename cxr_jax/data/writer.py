@@ -15,16 +15,17 @@ Everything is written to a temporary sibling folder and renamed to its final nam
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
-import shutil
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from absl import logging
 
+from cxr_jax import fileutil
 from cxr_jax.data import tfrecord
 
 MANIFEST = "cxr_manifest.json"
@@ -80,23 +81,39 @@ class DatasetWriter:
         converter_version=converter_version, source=source, image_size=image_size,
         label_names=list(label_names), fine_label_names=list(fine_label_names),
         anatomy_names=list(anatomy_names), **(extra or {}))
-    self.tmp_dir = f"{self.out_dir}.partial-{os.getpid()}"
+    self.tmp_dir = ""  # the staging folder, while the writer is open
+    self._staging: contextlib.AbstractContextManager | None = None
     self._shards: dict[str, list[_Shard]] = {}
     self._skipped: list[dict[str, Any]] = []
 
   def __enter__(self) -> "DatasetWriter":
-    shutil.rmtree(self.tmp_dir, ignore_errors=True)
-    os.makedirs(self.tmp_dir)
-    return self
+    self._staging = self._staged()
+    return self._staging.__enter__()
 
-  def __exit__(self, exc_type, exc, tb) -> None:
+  def __exit__(self, exc_type, exc, tb) -> bool | None:
+    return self._staging.__exit__(exc_type, exc, tb)
+
+  @contextlib.contextmanager
+  def _staged(self) -> Iterator["DatasetWriter"]:
+    """Stages the dataset and moves it to `out_dir` when the `with` block succeeds.
+
+    The shards are closed either way; the manifest and TFDS metadata are written only on success,
+    and any exception, in the block or in writing them, removes the staging folder instead.
+    """
+    with fileutil.staged_dir(self.out_dir, replace=self.overwrite) as staging:
+      self.tmp_dir = staging
+      try:
+        yield self
+      finally:
+        self._close_shards()
+      splits = self._commit()
+    logging.info("wrote %s: %s", self.out_dir,
+                 ", ".join(f"{s}={v['num_records']}" for s, v in splits.items()))
+
+  def _close_shards(self) -> None:
     for shards in self._shards.values():
       for shard in shards:
         shard.file.close()
-    if exc_type is not None:
-      shutil.rmtree(self.tmp_dir, ignore_errors=True)
-      return
-    self._commit()
 
   def add(self, split: str, ex: tfrecord.CxrExample) -> None:
     """Appends one example to a split, after checking it against the dataset's label spaces."""
@@ -128,7 +145,8 @@ class DatasetWriter:
                            and np.all(boxes[:, 2:] >= boxes[:, :2])):
       raise ValueError(f"{where}: boxes must be normalised xmin<=xmax, ymin<=ymax in [0, 1]")
 
-  def _commit(self) -> None:
+  def _commit(self) -> dict[str, Any]:
+    """Names the shards and writes the manifest and TFDS metadata; returns the manifest's splits."""
     splits = {}
     for split, shards in self._shards.items():
       entries = []
@@ -144,9 +162,7 @@ class DatasetWriter:
     with open(os.path.join(self.tmp_dir, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
     _write_tfds_metadata(self.tmp_dir, manifest)
-    replace_dir(self.tmp_dir, self.out_dir)
-    logging.info("wrote %s: %s", self.out_dir,
-                 ", ".join(f"{s}={v['num_records']}" for s, v in splits.items()))
+    return splits
 
 
 def tfds_features(num_labels: int, num_fine: int, has_anatomy: bool):
@@ -188,17 +204,8 @@ def _write_tfds_metadata(data_dir: str, manifest: dict[str, Any]) -> None:
                                      description=description, check_data=False)
 
 
-def replace_dir(src: str, dst: str) -> None:
-  """Moves `src` to `dst`, replacing an existing `dst` only after `src` is complete."""
-  if os.path.isdir(dst) and not os.listdir(dst):
-    os.rmdir(dst)
-  if not os.path.exists(dst):
-    os.rename(src, dst)
-    return
-  old = f"{dst}.old-{os.getpid()}"
-  os.rename(dst, old)
-  os.rename(src, dst)
-  shutil.rmtree(old)
+# data_prep.phantom moves its own staging folder with `writer.replace_dir`.
+replace_dir = fileutil.replace_dir
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:

@@ -1,0 +1,48 @@
+"""Writing a folder all at once: it is built in a staging folder beside its final place and
+renamed there only when complete, so an interrupted or failed write leaves no half folder behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, *, replace: bool = False) -> Iterator[str]:
+  """Yields a new, empty staging folder that becomes `out` when the `with` block succeeds.
+
+  The staging folder is `<out>.partial-<pid>`: beside `out`, so the final move is a rename on one
+  file system (missing parent folders are created). Without `replace`, `out` must then be absent
+  or an empty folder, which the rename replaces atomically; with `replace`, an existing `out` of
+  any content is replaced (see `replace_dir`). On any exception, in the block or in the move,
+  the staging folder is removed and the exception propagates.
+  """
+  out = os.path.abspath(out)
+  staging = f"{out}.partial-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)  # a leftover of an earlier process with this pid
+  os.makedirs(staging)
+  try:
+    yield staging
+    if replace:
+      replace_dir(staging, out)
+    else:
+      os.replace(staging, out)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def replace_dir(src: str, dst: str) -> None:
+  """Moves `src` to `dst`, replacing an existing `dst` only after `src` is complete."""
+  if os.path.isdir(dst) and not os.listdir(dst):
+    os.rmdir(dst)
+  if not os.path.exists(dst):
+    os.rename(src, dst)
+    return
+  old = f"{dst}.old-{os.getpid()}"
+  os.rename(dst, old)
+  os.rename(src, dst)
+  shutil.rmtree(old)
