@@ -63,6 +63,45 @@ def test_epoch_drops_only_the_remainder(dataset):
   assert len(set(sum(steps, []))) == 20
 
 
+def documented_batch(num_records, *, seed, global_batch, index) -> np.ndarray:
+  """The record indices of global batch `index` by the formula in pipeline's docstring, without grain."""
+  per_epoch = num_records // global_batch
+  order = np.random.default_rng([seed, 0, index // per_epoch]).permutation(num_records)
+  start = (index % per_epoch) * global_batch
+  return order[start:start + global_batch]
+
+
+def test_global_batches_follow_the_documented_order(dataset):
+  """Batch g is a slice of epoch g // 2's permutation (24 records: 2 batches of 10, 4 dropped), the
+  same global batch on one process or two, each process taking `[process_index::2]` of it."""
+  source = records.split_source(dataset, "train")
+  image_ids = [tfrecord.parse(source[i]).image_id for i in range(len(source))]
+  for process_count in (1, 2):
+    shares = [pipeline.train_dataset(source, spec(dataset), global_batch=10, seed=7,
+                                     process_index=p, process_count=process_count)
+              for p in range(process_count)]
+    for index in range(5):  # epochs 0, 1 and the start of 2
+      want = [image_ids[i] for i in documented_batch(len(source), seed=7, global_batch=10, index=index)]
+      for p, ds in enumerate(shares):
+        assert list(ds[index]["image_id"]) == want[p::process_count], (process_count, p, index)
+
+
+def test_augmentation_is_seeded_by_global_position(dataset):
+  """Example k of global batch g is augmented by `default_rng([seed, 1, g * global_batch + k])`: the
+  same pixels on any number of processes."""
+  source = records.split_source(dataset, "train")
+  rotated = spec(dataset, augment=dict(NO_AUGMENT, rotate_deg=10.0))
+  index = 3  # the second batch of epoch 1
+  want = np.stack([
+      pipeline.make_example(source[int(i)], rotated, np.random.default_rng([7, 1, index * 8 + k]))["image"]
+      for k, i in enumerate(documented_batch(len(source), seed=7, global_batch=8, index=index))])
+  for process_count in (1, 2):
+    for p in range(process_count):
+      ds = pipeline.train_dataset(source, rotated, global_batch=8, seed=7, process_index=p,
+                                  process_count=process_count)
+      np.testing.assert_array_equal(ds[index]["image"], want[p::process_count])
+
+
 def test_worker_processes_give_the_same_stream(dataset):
   ds = pipeline.train_dataset(records.split_source(dataset, "train"),
                               spec(dataset, augment=dict(NO_AUGMENT, rotate_deg=10.0)),

@@ -1,11 +1,16 @@
 """The grain input pipeline: records -> decoded, augmented examples -> per-process batches.
 
-Training: one global seeded shuffle per epoch (all processes share it), per-example augmentation
-seeded by the example's position in that order, the epoch cut to a whole number of global
-batches, then `[process_index::process_count]` and per-process batches. A global batch therefore
-holds the same examples whatever the number of processes or workers. Decoding runs in worker
-processes (`worker_count`), whole batches at a time, and the iterator state can be saved and
-restored (orbax + `grain.checkpoint`).
+Training: a pure function of the seed and the global batch index g, computed with numpy so that
+no grain version can change it. With n records and global batch B, an epoch holds
+E = n // B global batches; batch g belongs to epoch e = g // E, whose order is
+`np.random.default_rng([seed, 0, e]).permutation(n)`, and holds the records
+`order[(g % E) * B : (g % E + 1) * B]` (the last n % B records of each order sit that epoch
+out). The example at global position q = g * B + k is augmented with
+`np.random.default_rng([seed, 1, q])`. Process p of P takes `[p::P]` of each global batch, so a
+global batch holds the same examples, augmented alike, whatever the number of processes or
+workers. The dataset is endless and indexed by g: a run resumed at batch g reads `ds[g:]`, and a
+checkpoint stores g alone. Decoding runs in worker processes (`worker_count`), whole batches at a
+time.
 
 Evaluation: no shuffle; each process reads `[process_index::process_count]`, padded to the same
 whole number of batches with copies flagged `valid = 0`, so every example counts exactly once.
@@ -108,16 +113,6 @@ def _pad_boxes(boxes, box_labels, max_boxes, image_id) -> dict[str, np.ndarray]:
   return dict(boxes=padded, box_labels=padded_labels)
 
 
-class _Augmented(grain.transforms.RandomMap):
-  """Decode + augment, seeded per example by grain."""
-
-  def __init__(self, spec: ExampleSpec):
-    self.spec = spec
-
-  def random_map(self, element: bytes, rng: np.random.Generator) -> dict[str, Any]:
-    return make_example(element, self.spec, rng)
-
-
 class _PaddedEval(grain.transforms.Map):
   """Maps a record index to its example; index -1 is padding (a copy flagged invalid)."""
 
@@ -137,16 +132,48 @@ def _check_batch(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+# The numpy streams of one seed, as SeedSequence entropy [seed, stream, n]: the order of epoch n,
+# and the augmentation of the example at global position n. Distinct streams, so never correlated.
+_ORDER, _AUGMENTATION = 0, 1
+_ENDLESS = np.iinfo(np.int64).max  # global batch indices: more than any run reads
+
+
+class _ProcessShare(grain.transforms.Map):
+  """Global batch index -> this process's examples of that batch, decoded, augmented and stacked.
+
+  The order and the augmentation are computed here with numpy (module docstring), not left to
+  grain's shuffle, slice, batch and repeat, whose epoch behaviour has changed between versions.
+  """
+
+  def __init__(self, source: records.RecordSource, spec: ExampleSpec, *, seed: int, global_batch: int,
+               process_index: int, process_count: int):
+    self.source, self.spec, self.seed, self.global_batch = source, spec, seed, global_batch
+    self.batches_per_epoch = len(source) // global_batch
+    self.slots = range(process_index, global_batch, process_count)
+
+  def map(self, element: int) -> dict[str, np.ndarray]:
+    epoch, batch_in_epoch = divmod(element, self.batches_per_epoch)
+    order = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(len(self.source))
+    examples = []
+    for slot in self.slots:
+      record = int(order[batch_in_epoch * self.global_batch + slot])
+      rng = np.random.default_rng([self.seed, _AUGMENTATION, element * self.global_batch + slot])
+      examples.append(make_example(self.source[record], self.spec, rng))
+    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+
 def train_dataset(source: records.RecordSource, spec: ExampleSpec, *, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """An endless dataset of this process's training batches (see module docstring)."""
-  local_batch = _check_batch(global_batch, process_count)
-  usable = len(source) - len(source) % global_batch
-  if usable == 0:
+  """An endless dataset of this process's training batches, indexed by global batch index: `ds[g:]`
+  starts at batch g (see module docstring)."""
+  _check_batch(global_batch, process_count)
+  if len(source) < global_batch:
     raise ValueError(f"{len(source)} training records are fewer than one global batch ({global_batch})")
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().random_map(_Augmented(spec))
-  ds = ds[:usable][process_index::process_count]
-  return ds.batch(local_batch, drop_remainder=True).repeat()
+  if seed < 0:
+    raise ValueError(f"seed {seed} is negative; the training order is seeded by numpy, which needs >= 0")
+  share = _ProcessShare(source, spec, seed=seed, global_batch=global_batch,
+                        process_index=process_index, process_count=process_count)
+  return grain.MapDataset.range(_ENDLESS).map(share)
 
 
 def eval_dataset(source: records.RecordSource, spec: ExampleSpec, *, global_batch: int,
