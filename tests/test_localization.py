@@ -77,16 +77,23 @@ def test_box_mask_covers_every_overlapped_pixel():
   np.testing.assert_array_equal(union, [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
 
 
-def test_ham_iou_and_ior_by_hand():
-  # Image 0, Mass: hot 2x2 square at rows 0-1, columns 0-1 (4 px). Box: rows 0-1, columns 1-2
-  # (4 px). Intersection 2 (column 1), union 6: IoU 1/3; IoR 2/4 = 0.5 exactly.
-  # Image 0, Nodule: constant map, so it normalises to zeros and predicts nothing: IoU = IoR = 0.
-  # Effusion: no box anywhere, so no pair.
+def _ham_hand_case():
+  """A HAM evaluator fed one hand-made 4x4 image.
+
+  Mass: hot 2x2 square at rows 0-1, columns 0-1 (4 px). Box: rows 0-1, columns 1-2 (4 px).
+  Intersection 2 (column 1), union 6: IoU 1/3; IoR 2/4 = 0.5 exactly.
+  Nodule: constant map, so it normalises to zeros and predicts nothing: IoU = IoR = 0.
+  Effusion: no box anywhere, so no pair.
+  """
   maps = _map(4, {(0, 0): 1, (0, 1): 1, (1, 0): 1, (1, 1): 1})
   maps[..., 1] = 0.3
-  batch = _batch([maps], [[[0.25, 0, 0.75, 0.5], [0, 0, 1, 1]]], [[0, 1]])
   ham = localization.HamLocalization(CLASSES, image_size=4)
-  ham.update(*batch)
+  ham.update(*_batch([maps], [[[0.25, 0, 0.75, 0.5], [0, 0, 1, 1]]], [[0, 1]]))
+  return ham
+
+
+def test_ham_iou_and_ior_by_hand():
+  ham = _ham_hand_case()
   report = ham.result()
   json.dumps(report, allow_nan=False)
   mass = report["classes"]["Mass"]
@@ -119,14 +126,22 @@ def test_ham_upsamples_with_align_corners_before_thresholding():
   assert mass["ior_acc"]["0.25"] == 1 and mass["ior_acc"]["0.5"] == 0
 
 
-def test_wang_two_blobs_give_a_true_and_a_false_positive():
-  # 8x8 Mass map: blob A (value 1) at rows 1-2, columns 1-2; blob B (value 0.5, 127.5 of 255) at
-  # rows 5-6, columns 5-6. Box: rows 1-2, columns 1-3 (6 px).
-  # Level 60 predicts A and B; level 180 only A. IoU(A) = 4/6, IoBB(A) = 1; B overlaps nothing.
+def _wang_two_blobs():
+  """A Wang evaluator fed one hand-made 8x8 image with two blobs.
+
+  Mass map: blob A (value 1) at rows 1-2, columns 1-2; blob B (value 0.5, 127.5 of 255) at rows
+  5-6, columns 5-6. Box: rows 1-2, columns 1-3 (6 px).
+  Level 60 predicts A and B; level 180 only A. IoU(A) = 4/6, IoBB(A) = 1; B overlaps nothing.
+  """
   blobs = {(r, c): 1.0 for r in (1, 2) for c in (1, 2)}
   blobs.update({(r, c): 0.5 for r in (5, 6) for c in (5, 6)})
   wang = localization.WangLocalization(CLASSES, image_size=8)
   wang.update(*_batch([_map(8, blobs)], [[[1 / 8, 1 / 8, 4 / 8, 3 / 8]]], [[0]]))
+  return wang
+
+
+def test_wang_two_blobs_give_a_true_and_a_false_positive():
+  wang = _wang_two_blobs()
   report = wang.result()
   json.dumps(report, allow_nan=False)
   assert report["n_pairs"] == 1 and report["n_boxes"] == 1
@@ -158,6 +173,22 @@ def test_wang_is_strict_and_joins_diagonal_neighbours():
   assert mass["iou_acc"]["0.4"] == 1 and mass["iou_acc"]["0.5"] == 0
   assert mass["iobb_acc"]["0.9"] == 1
   assert mass["iobb_afp"]["0.9"] == 0
+
+
+def test_format_table_shows_every_class_at_every_threshold():
+  ham = localization.format_table(_ham_hand_case().result()).splitlines()
+  assert ham[0] == "accuracy at T(IoU)" and "accuracy at T(IoR)" in ham
+  header = ham[1].split()
+  assert header == ["class", "pairs", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "mean"]
+  assert ham[3].split() == ["Mass", "1"] + ["1.000"] * 3 + ["0.000"] * 4 + [f"{3 / 7:.3f}"]
+  assert ham[5].split() == ["Effusion", "0"] + ["n/a"] * 8
+  assert ham[7].split() == ["mean"] + ["0.500"] * 3 + ["0.000"] * 4 + [f"{3 / 14:.3f}"]
+  wang = localization.format_table(_wang_two_blobs().result())
+  titles = [line for line in wang.splitlines() if line.startswith("level")]
+  assert titles == [f"level {level}: {what}" for level in (60, 180)
+                    for what in ("accuracy at T(IoU)", "accuracy at T(IoBB)", "AFP at T(IoBB)")]
+  afp_60 = wang.split("level 60: AFP at T(IoBB)\n")[1].splitlines()
+  assert afp_60[2].split() == ["Mass", "1"] + ["1.000"] * 5
 
 
 def _random_batch(rng, n, size=6, n_boxes=3):

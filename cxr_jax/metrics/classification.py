@@ -191,12 +191,29 @@ def evaluate_predictions(scores, targets, mask, label_names: Sequence[str], pati
   }
 
 
-def _fmt(value: float | None) -> str:
+def format_value(value: float | None) -> str:
+  """A report value for a text table: 3 decimals, "n/a" for None."""
   return "n/a" if value is None else f"{value:.3f}"
 
 
 def _fmt_ci(ci: list[float | None] | None) -> str:
   return "n/a" if ci is None or None in ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def text_table(table: Sequence[Sequence[str]]) -> str:
+  """Rows of cells as aligned text: the first row a header, the last a summary, ruled apart.
+
+  Names (first column) read best left-aligned, numbers right-aligned.
+  """
+  widths = [max(len(cell) for cell in column) for column in zip(*table)]
+
+  def line(row):
+    cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+    return "  ".join(cells).rstrip()
+
+  header, *body, summary = [line(row) for row in table]
+  rule = "-" * len(header)
+  return "\n".join([header, rule, *body, rule, summary])
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -206,21 +223,12 @@ def format_table(report: dict[str, Any]) -> str:
   """
   header = ["label", "AUC", f"{100 * report['bootstrap']['level']:g}% CI", "AUPRC", "n_pos",
             "n_neg"]
-  rows = [[name, _fmt(c["auc"]), _fmt_ci(c["auc_ci"]), _fmt(c["auprc"]), str(c["n_pos"]),
-           str(c["n_neg"])] for name, c in report["classes"].items()]
+  rows = [[name, format_value(c["auc"]), _fmt_ci(c["auc_ci"]), format_value(c["auprc"]),
+           str(c["n_pos"]), str(c["n_neg"])] for name, c in report["classes"].items()]
   n_classes = len(report["classes"])
   rows.append([f"mean ({n_classes - len(report['skipped'])}/{n_classes})",
-               _fmt(report["mean_auc"]), _fmt_ci(report["mean_auc_ci"]), "", "", ""])
+               format_value(report["mean_auc"]), _fmt_ci(report["mean_auc_ci"]), "", "", ""])
   table = [header] + rows
   if not report["bootstrap"]["n_boot"]:
     table = [row[:2] + row[3:] for row in table]
-  widths = [max(len(cell) for cell in column) for column in zip(*table)]
-
-  def line(row):
-    # Names read best left-aligned, numbers right-aligned.
-    cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
-    return "  ".join(cells).rstrip()
-
-  rule = "-" * len(line(table[0]))
-  return "\n".join([line(table[0]), rule] + [line(row) for row in table[1:-1]]
-                   + [rule, line(table[-1])])
+  return text_table(table)

@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from cxr_jax.metrics import streaming
-from cxr_jax.metrics.classification import json_float
+from cxr_jax.metrics.classification import format_value, json_float, text_table
 
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 # HAM's T(IoR) grid, also the T(IoBB) grid of Wang et al. (their Table 4).
@@ -407,3 +407,44 @@ class WangLocalization:
                       **_logged(f"{prefix}/afp_iobb", IOR_THRESHOLDS, means["iobb_afp"],
                                 _LOGGED_IOR)})
     return scalars
+
+
+def _section(title: str, report: dict[str, Any], count: str, key: str,
+             thresholds: Sequence[float]) -> str:
+  """One titled table: a row per class (its count, then `key` at each threshold), the mean last.
+
+  The accuracy sections also show each class's mean T(IoU) when `key` is "iou_acc".
+  """
+  with_mean = key == "iou_acc"
+  header = ["class", count] + [f"{t:g}" for t in thresholds] + (["mean"] if with_mean else [])
+
+  def row(name, n, values, tiou):
+    cells = [name, n] + [format_value(v) for v in values.values()]
+    return cells + ([format_value(tiou)] if with_mean else [])
+
+  rows = [row(name, str(c[f"n_{count}"]), c[key], c["mean_tiou"])
+          for name, c in report["classes"].items()]
+  rows.append(row("mean", "", report[f"mean_{key}"], report["mean_tiou"]))
+  return f"{title}\n{text_table([header] + rows)}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+  """Per-class text tables of a `HamLocalization` or `WangLocalization` report.
+
+  HAM: accuracy at each T(IoU) (with the mean T(IoU)) and at each T(IoR). Wang, per level:
+  accuracy at each T(IoU) and T(IoBB), and AFP at each T(IoBB), as in the paper's Table 4.
+  """
+  if report["protocol"]["name"] == "ham":
+    return "\n\n".join([
+        _section("accuracy at T(IoU)", report, "pairs", "iou_acc", IOU_THRESHOLDS),
+        _section("accuracy at T(IoR)", report, "pairs", "ior_acc", IOR_THRESHOLDS)])
+  sections = []
+  for level, level_report in report["levels"].items():
+    sections += [
+        _section(f"level {level}: accuracy at T(IoU)", level_report, "boxes", "iou_acc",
+                 IOU_THRESHOLDS),
+        _section(f"level {level}: accuracy at T(IoBB)", level_report, "boxes", "iobb_acc",
+                 IOR_THRESHOLDS),
+        _section(f"level {level}: AFP at T(IoBB)", level_report, "images", "iobb_afp",
+                 IOR_THRESHOLDS)]
+  return "\n\n".join(sections)
