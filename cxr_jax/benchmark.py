@@ -253,19 +253,12 @@ def _torch_optimizer(optim_config: Mapping[str, Any], parameters):
   raise ValueError(f"no torch optimizer for config.optim.name={name!r}")
 
 
-def usable_cpus() -> int:
-  """The cores this process may run on (taskset and cpusets count; `os.cpu_count()` ignores them)."""
-  if hasattr(os, "sched_getaffinity"):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
-
-
 def _torch_device():
   import torch  # pylint: disable=g-import-not-at-top
   if torch.cuda.is_available():
     torch.backends.cudnn.benchmark = True  # autotuned convolutions, as XLA autotunes its own
     return torch.device("cuda"), torch.cuda.get_device_name(), torch.cuda.synchronize
-  torch.set_num_threads(usable_cpus())
+  torch.set_num_threads(parallel.usable_cpus())
   return torch.device("cpu"), "cpu", lambda: None
 
 

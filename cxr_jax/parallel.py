@@ -15,6 +15,7 @@ logs, metrics and reports; the others log warnings and errors only.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import jax
@@ -90,3 +91,10 @@ def gather(tree: Any) -> Any:
 def is_main_process() -> bool:
   """True on the one process that writes logs, metrics and reports."""
   return jax.process_index() == 0
+
+
+def usable_cpus() -> int:
+  """The cores this process may run on (taskset and cpusets count; `os.cpu_count()` ignores them)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1

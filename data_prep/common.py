@@ -138,10 +138,10 @@ def resize_area(image: Image.Image, size: int) -> Image.Image:
   return image.resize((size, size), Image.Resampling.BOX)
 
 
-def encode_png(image: Image.Image) -> bytes:
-  """PNG bytes of an image."""
+def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
+  """PNG bytes of an image; `compress_level` 0..9 trades size for time (6 is zlib's default)."""
   buffer = io.BytesIO()
-  image.save(buffer, format="PNG")
+  image.save(buffer, format="PNG", compress_level=compress_level)
   return buffer.getvalue()
 
 
