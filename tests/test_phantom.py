@@ -12,6 +12,7 @@ from PIL import Image
 
 from cxr_jax.data import labels
 from data_prep import phantom
+from data_prep.phantom import layout
 
 SIZE = 64
 
@@ -245,7 +246,7 @@ def test_generate_refuses_a_non_empty_folder_and_leaves_nothing_when_interrupted
   def fail(*args, **kwargs):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(phantom, "_write_tables", fail)
+  monkeypatch.setattr(layout, "_write_tables", fail)
   with pytest.raises(KeyboardInterrupt):
     phantom.generate(tmp_path / "fresh", num_patients=2, image_size=32, workers=1)
   assert sorted(os.listdir(tmp_path)) == ["busy"]
