@@ -9,6 +9,7 @@ import json
 import pathlib
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -85,8 +86,8 @@ def count(tree):
 def test_stage_shapes_channels_and_strides(cfg, strides, channels):
   _, out = shapes(cfg)
   assert list(out) == ["C2", "C3", "C4", "C5"]
-  assert [(SIZE // v.shape[1], v.shape[3]) for v in out.values()] == list(zip(strides, channels))
-  assert all(v.shape[0] == 2 and v.shape[1] == v.shape[2] and v.dtype == jnp.float32 for v in out.values())
+  chex.assert_shape(list(out.values()), [(2, SIZE // s, SIZE // s, c) for s, c in zip(strides, channels)])
+  chex.assert_type(list(out.values()), jnp.float32)
 
 
 @pytest.mark.parametrize("name, total_with_1000_classes, classifier", [
@@ -107,9 +108,8 @@ def test_full_model_forward_at_64px(name):
   model = backbones.build({"name": name})
   x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
   out = jax.jit(lambda v, x: model.apply(v, x, train=False))(numpy_variables(abstract), x)
-  for key, value in out.items():
-    assert value.shape == expected[key].shape
-    assert np.isfinite(np.asarray(value)).all()
+  chex.assert_trees_all_equal_shapes_and_dtypes(out, expected)
+  chex.assert_tree_all_finite(out)
   assert float(out["C5"].min()) >= 0  # both end in a ReLU (DenseNet: relu(norm5))
 
 
@@ -117,8 +117,8 @@ def test_full_model_forward_at_64px(name):
                          ids=["densenet121", "resnet50-os8"])
 def test_bfloat16_compute_keeps_float32_params(cfg):
   variables, out = shapes({**cfg, "dtype": "bfloat16"})
-  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  assert {x.dtype for x in out.values()} == {jnp.dtype(jnp.bfloat16)}
+  chex.assert_type(jax.tree.leaves(variables), jnp.float32)
+  chex.assert_type(list(out.values()), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("cfg, fan", [({**TINY_DENSENET, "block_config": (1, 1, 1, 1)}, "fan_in"),
@@ -143,8 +143,9 @@ def test_init_follows_torchvision(cfg, fan):
 @pytest.mark.parametrize("cfg", TINY, ids=["densenet", "resnet"])
 def test_one_channel_stem(cfg):
   variables, out = shapes(cfg, TINY_SIZE, channels=1)
-  assert variables["params"]["conv0" if "growth_rate" in cfg else "conv1"]["kernel"].shape[2] == 1
-  assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in shapes(cfg, TINY_SIZE)[1].items()}
+  stem = "conv0" if "growth_rate" in cfg else "conv1"
+  chex.assert_shape(variables["params"][stem]["kernel"], (7, 7, 1, None))  # HWIO: 1 input channel
+  chex.assert_trees_all_equal_shapes(out, shapes(cfg, TINY_SIZE)[1])
 
 
 def test_batch_stats_update_in_train_mode_only_with_torch_momentum(tiny):
@@ -152,7 +153,7 @@ def test_batch_stats_update_in_train_mode_only_with_torch_momentum(tiny):
   stem, conv = ("norm0", "conv0") if "growth_rate" in cfg else ("bn1", "conv1")
   (_, eval_state), (_, state) = jax.jit(lambda v, x: [
       model.apply(v, x, train=train, mutable=["batch_stats"]) for train in (False, True)])(variables, x)
-  assert jax.tree.all(jax.tree.map(np.array_equal, eval_state["batch_stats"], variables["batch_stats"]))
+  chex.assert_trees_all_equal(eval_state["batch_stats"], variables["batch_stats"])
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), state["batch_stats"],
                          variables["batch_stats"])
   assert all(jax.tree.leaves(changed))
@@ -177,10 +178,10 @@ def test_remat_keeps_names_and_gradients():
       return sum(jnp.mean(v**2) for v in out.values())
 
     grads.append(jax.jit(jax.grad(loss))(variables["params"]))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
-  for cfg in TINY:  # the same variable names with and without remat
-    assert jax.tree.structure(shapes(cfg, TINY_SIZE)[0]) == jax.tree.structure(
-        shapes({**cfg, "remat": True}, TINY_SIZE)[0])
+  chex.assert_trees_all_close(*grads, rtol=1e-4, atol=1e-5)
+  for cfg in TINY:  # the same variable names, shapes and dtypes with and without remat
+    chex.assert_trees_all_equal_shapes_and_dtypes(shapes(cfg, TINY_SIZE)[0],
+                                                  shapes({**cfg, "remat": True}, TINY_SIZE)[0])
 
 
 def test_build_accepts_config_dict_with_placeholders():
@@ -211,7 +212,8 @@ def test_normalize_images_presets_and_channels():
   unit = layers.normalize_images(images, **layers.PRESETS["unit"], channels=1)
   np.testing.assert_allclose(unit[..., 0], [[[-1.0, -0.6, 1.0]]], rtol=1e-6)
   net = layers.normalize_images(images, **layers.PRESETS["imagenet"], channels=3, dtype=jnp.bfloat16)
-  assert net.shape == (1, 1, 3, 3) and net.dtype == jnp.bfloat16
+  chex.assert_shape(net, (1, 1, 3, 3))
+  chex.assert_type(net, jnp.bfloat16)
   mean, std = (np.array(layers.PRESETS["imagenet"][k]) for k in ("mean", "std"))
   want = (np.array([0, 0.2, 1])[:, None] - mean) / std
   np.testing.assert_allclose(net[0, 0].astype(np.float32), want, rtol=1e-2)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,8 +52,7 @@ def test_eight_devices_match_one(data_dir):
       state, _ = step(state, parallel.to_global(batch, mesh))
     assert len(state.params["head"]["kernel"].sharding.device_set) == len(devices)
     results.append(jax.device_get(state))
-  for one, eight in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-    np.testing.assert_allclose(one, eight, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(results[0], results[1], atol=1e-5, rtol=1e-5)
 
 
 def test_interrupted_run_resumes_the_same_loss_sequence(data_dir, tmp_path):
@@ -136,7 +136,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   assert sorted(ckpt.manager.all_steps()) == [2, 3, 4]
   assert ckpt.resolve("best") == 2 and ckpt.resolve("latest") == 4
   restored = ckpt.restore_state(2, checkpoint.abstract({"w": jnp.zeros(3)}))
-  np.testing.assert_array_equal(restored["w"], [2.0, 2.0, 2.0])
+  chex.assert_trees_all_equal(restored, {"w": np.full(3, 2.0, np.float32)})
   with pytest.raises(FileNotFoundError, match=r"available steps: \[2, 3, 4\]"):
     ckpt.resolve(1)
 
@@ -152,9 +152,6 @@ def test_init_from_fills_the_backbone_and_keeps_a_fresh_head(data_dir, tmp_path)
                                     str(weights))
   config.init_from = str(weights)
   state = experiment.initial_state(run, example)
-  for got, want in zip(jax.tree.leaves(state.params["backbone"]),
-                       jax.tree.leaves(donor["params"]["backbone"])):
-    np.testing.assert_array_equal(got, want)
-  for got, want in zip(jax.tree.leaves(state.batch_stats), jax.tree.leaves(donor["batch_stats"])):
-    np.testing.assert_array_equal(got, want)
+  chex.assert_trees_all_equal(state.params["backbone"], donor["params"]["backbone"])
+  chex.assert_trees_all_equal(state.batch_stats, donor["batch_stats"])
   assert not np.array_equal(state.params["head"]["kernel"], donor["params"]["head"]["kernel"])
