@@ -38,19 +38,21 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = "float32"  # compute dtype; params and optimizer state stay float32
-  c.init_from = ""  # torchvision ImageNet weights (.pth, .safetensors or .npz) for the backbone
+  # torchvision ImageNet weights (.pth, .safetensors or .npz): one file for every backbone of the
+  # method, or per backbone "branch_a=a.pth,branch_b=b.pth" (names: the method's `backbones`).
+  c.init_from = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # a folder prepared by data_prep (holds cxr_manifest.json)
   c.data.prepare = ""  # "module:function" that creates data.dir when it is absent
   c.data.prepare_args = ml_collections.ConfigDict()
+  c.data.target = "labels"  # the field learned: labels | fine_labels (Finding|side|zone)
   c.data.train_split = "train"
   c.data.val_split = "val"
   c.data.test_split = "test"
   c.data.image_size = 224
   c.data.uncertainty = "ignore"  # policy for -1 labels: ignore | zeros | ones
   c.data.uncertainty_per_label = ""  # overrides, e.g. "Edema=ones,Atelectasis=ones"
-  c.data.load_anatomy = False
   c.data.max_boxes = 16
   c.data.verify_crc = True
   c.data.worker_count = 0  # decoding processes per host; 0 decodes in the training process
@@ -68,17 +70,32 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.normalization = "imagenet"  # a preset of cxr_jax.layers.PRESETS
   c.model.channels = 3  # grayscale replicated to 3 channels for ImageNet stems
 
-  c.loss = ml_collections.ConfigDict(dict(name="bce", focal_gamma=2.0, focal_alpha=-1.0))
+  # class_counts: W-CEL's |P|, |N| from the batch (Wang et al.) or the training split ("train").
+  c.loss = ml_collections.ConfigDict(dict(name="bce", focal_gamma=2.0, focal_alpha=-1.0,
+                                          class_counts="batch"))
 
   c.optim = ml_collections.ConfigDict(dict(
-      name="adam", lr=1e-4, backbone_lr_mult=1.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      name="adam", lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
       momentum=0.9, nesterov=False, schedule="constant", warmup_steps=0, final_lr_fraction=0.0,
       step_boundaries=(), step_factor=0.1, clip_norm=0.0))
+  # Parameter groups by regex over paths like "backbone/conv0/kernel" (cxr_jax/optim.py):
+  # ((pattern, multiplier), ...), first match wins; `frozen` matches parameters never updated.
+  c.optim.lr_mults = ()
+  c.optim.wd_mults = ()
+  c.optim.frozen = ""
 
   c.train = ml_collections.ConfigDict(dict(steps=1000, global_batch=16, log_every=50,
                                            eval_every=500))
-  c.eval = ml_collections.ConfigDict(dict(global_batch=32, bootstrap=1000))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, keep_best=1))
+  # evaluators: comma-separated names of cxr_jax.metrics.evaluators.EVALUATORS. Localization ones
+  # run where the method returns `cams` and the split has boxes. uncertain: "mask" leaves -1
+  # labels out of evaluation; "policy" scores them as the training policy maps them.
+  c.eval = ml_collections.ConfigDict(dict(
+      global_batch=32, bootstrap=1000, evaluators="classification", uncertain="mask",
+      ham_threshold=0.469, wang_levels=(60, 180)))
+  # best_metric: a validation scalar ("val/mean_auc", "val/loc/ham/mean_tiou", ...) ranking the
+  # kept best checkpoints; best_mode: max or min.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, keep_best=1,
+                                                best_metric="val/mean_auc", best_mode="max"))
   c.parallel = ml_collections.ConfigDict(dict(
       distributed="none", coordinator_address="", num_processes=config_dict.placeholder(int),
       process_id=config_dict.placeholder(int)))

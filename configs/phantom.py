@@ -13,6 +13,7 @@ The phantom (docs/phantom.md) is rendered in NIH ChestX-ray14's file layout and 
 import os
 
 from configs import common
+from cxr_jax.data import writer
 from data_prep import phantom
 
 CACHE = os.environ.get("CXR_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cxr_jax"))
@@ -24,7 +25,8 @@ def get_config(arg=None):
   c = common.get_config()
   patients, size = (24, 32) if arg.smoke else (2000, 128)
   c.data.dir = os.path.join(
-      CACHE, f"phantom-v{phantom.GENERATOR_VERSION}-{patients}patients-{size}px-seed0")
+      CACHE, f"phantom-v{phantom.GENERATOR_VERSION}-f{writer.FORMAT_VERSION}-{patients}patients-"
+      f"{size}px-seed0")
   c.data.prepare = "data_prep.prepared:phantom_dataset"
   c.data.prepare_args = dict(num_patients=patients, image_size=size, seed=0)
   c.data.image_size = size
@@ -37,6 +39,7 @@ def get_config(arg=None):
   c.train.update(steps=1000, global_batch=32, log_every=25, eval_every=250)
   c.checkpoint.every = 250
   c.eval.global_batch = 64
+  c.eval.evaluators = "classification,ham_localization,wang_localization"
   if arg.smoke:
     c.model.backbone.update(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8,
                             bn_size=2)

@@ -5,7 +5,8 @@
       --batch 16 --steps 20 --warmup 10 --torch --output bench.jsonl
 
 Prints one JSON line per invocation (one setting). The batch is synthetic: uint8 images of the
-config's size, random labels, every label known; it is placed on the devices once, so this times
+config's size, random labels and fine labels, every label known, random anatomy maps and a box,
+so every method finds its inputs; it is placed on the devices once, so this times
 the step alone (the input pipeline has its own benchmark, `cxr_jax.data.throughput`). The step is
 the trainer's: `steps.make_train_step` with the config's model, loss and optimizer, jitted, sharded
 over every local device, state donated. Fields of the `jax` part:
@@ -25,9 +26,10 @@ over every local device, state donated. Fields of the `jax` part:
   xla_memory_bytes      XLA's static estimate for the step executable per device (arguments +
                         outputs + temporaries - donated aliases), available on every backend
 
-`--torch` adds the same model's PyTorch mirror (`cxr_jax.interop.torch_modules`) on the same batch:
-BCE with logits over the label mask, the config's optimizer family with torch's semantics
-(`torch.optim.Adam` couples weight decay, like `cxr_jax.optim`), channels_last, autocast bfloat16
+`--torch` adds the same method's PyTorch mirror and its own loss in torch (both named in
+`cxr_jax.interop.registry`) on the same batch, the method's extra inputs included, the config's
+optimizer family with torch's semantics (`torch.optim.Adam` couples weight decay, like
+`cxr_jax.optim`), channels_last, autocast bfloat16
 when `config.dtype` is bfloat16, `cudnn.benchmark` on CUDA and one thread per usable core on CPU.
 It runs first, so JAX later finds the accelerator's memory free. PyTorch uses one device, so
 `jax_over_torch` is the ratio of images/s per device (on a multi-GPU host,
@@ -67,10 +69,10 @@ from typing import Any, Callable, Mapping
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from cxr_jax import config_utils, experiment, layers, parallel, steps
+from cxr_jax import cli, experiment, layers, methods, parallel, steps
 from cxr_jax.data import labels as labels_lib
 
 # Dense (no sparsity) peak TFLOP/s of one JAX device, by compute dtype; the first key that is a
@@ -122,14 +124,41 @@ def apply_overrides(config: ml_collections.ConfigDict, *, batch: int | None = No
   return config
 
 
-def synthetic_batch(global_batch: int, image_size: int, num_classes: int,
+# Anatomy ids of the synthetic batch: the phantom's vocabulary (docs/architecture.md).
+ANATOMY_NAMES = ("background", "body", "right_lung", "left_lung", "heart", "mediastinum", "abdomen")
+
+
+def synthetic_manifest(global_batch: int) -> dict[str, Any]:
+  """A manifest with NIH's labels, the fine-label vocabulary and the phantom's anatomy names, and
+  balanced training counts: enough for every method's task and inputs."""
+  fine = labels_lib.fine_vocabulary()
+
+  def counts(n):
+    return dict(positive=[global_batch // 2] * n, negative=[global_batch // 2] * n,
+                uncertain=[0] * n, unknown=[0] * n)
+  return dict(name="synthetic", label_names=list(labels_lib.NIH_LABELS), fine_label_names=list(fine),
+              anatomy_names=list(ANATOMY_NAMES), image_size=None,
+              splits={"train": dict(num_records=global_batch, label_counts=counts(len(labels_lib.NIH_LABELS)),
+                                    fine_label_counts=counts(len(fine)), num_boxes=global_batch)})
+
+
+def synthetic_batch(global_batch: int, image_size: int, manifest: Mapping[str, Any],
                     seed: int = 0) -> dict[str, np.ndarray]:
-  """A host batch shaped like the pipeline's: uint8 images, random 0/1 labels, full label mask."""
+  """A host batch with every field the pipeline makes (so every method finds its inputs):
+  uint8 images, random 0/1 labels and fine labels with full masks, random anatomy ids, one box."""
   rng = np.random.default_rng(seed)
+  b, size = global_batch, image_size
+  num_labels, num_fine = len(manifest["label_names"]), len(manifest["fine_label_names"])
+  corner = rng.uniform(0, 0.5, (b, 1, 2))
   return dict(
-      image=rng.integers(0, 256, (global_batch, image_size, image_size, 1), dtype=np.uint8),
-      labels=rng.integers(0, 2, (global_batch, num_classes)).astype(np.float32),
-      label_mask=np.ones((global_batch, num_classes), np.float32))
+      image=rng.integers(0, 256, (b, size, size, 1), dtype=np.uint8),
+      labels=rng.integers(0, 2, (b, num_labels)).astype(np.float32),
+      label_mask=np.ones((b, num_labels), np.float32),
+      fine_labels=rng.integers(0, 2, (b, num_fine)).astype(np.float32),
+      fine_label_mask=np.ones((b, num_fine), np.float32),
+      anatomy=rng.integers(0, len(manifest["anatomy_names"]), (b, size, size), dtype=np.uint8),
+      boxes=np.concatenate([corner, corner + 0.4], axis=-1).astype(np.float32),
+      box_labels=rng.integers(0, num_labels, (b, 1)).astype(np.int32))
 
 
 def time_steps(step: Callable[[], Any], *, steps: int, warmup: int) -> dict[str, float]:
@@ -194,7 +223,7 @@ def _compile_train_step(run: experiment.Run, host_batch: Mapping[str, np.ndarray
       steps.create_state(run.model, run.tx, config, run.mesh, example, run.method))
   init_s = time.perf_counter() - start
   batch = parallel.to_global(dict(host_batch), run.mesh)
-  train_step = steps.make_train_step(run.model, run.tx, run.method, config, run.mesh)
+  train_step = steps.make_train_step(run.model, run.tx, run.method, run.task, config, run.mesh)
   start = time.perf_counter()
   lowered = train_step.lower(state, batch)
   lower_s = time.perf_counter() - start
@@ -207,11 +236,7 @@ def _compile_train_step(run: experiment.Run, host_batch: Mapping[str, np.ndarray
 def measure_jax(config: ml_collections.ConfigDict, host_batch: Mapping[str, np.ndarray], *,
                 steps_timed: int, warmup: int, peak: float | None = None) -> dict[str, Any]:
   """Compiles and times the trainer's train step on every local device; see the module doc."""
-  num_classes = host_batch["labels"].shape[1]
-  run = experiment.assemble(config, {"label_names": [f"label{i}" for i in range(num_classes)]})
-  if run.method.INPUTS:
-    raise ValueError(f"method {config.model.name!r} reads {run.method.INPUTS}: the benchmark's "
-                     "synthetic batch has only images and labels")
+  run = experiment.assemble(config, synthetic_manifest(config.train.global_batch))
   state, batch, compiled, compile_times = _compile_train_step(run, host_batch)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   holder = {"state": state}
@@ -262,32 +287,31 @@ def _torch_device():
   return torch.device("cpu"), "cpu", lambda: None
 
 
-def _torch_step(config: ml_collections.ConfigDict, host_batch: Mapping[str, np.ndarray], device,
-                sync: Callable[[], None], channels_last: bool):
+def _torch_step(config: ml_collections.ConfigDict, task, host_batch: Mapping[str, np.ndarray],
+                device, sync: Callable[[], None], channels_last: bool):
   """The mirror's train step on `host_batch` as a blocking closure; (step, parameter count)."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from cxr_jax.interop import torch_modules  # pylint: disable=g-import-not-at-top
+  from cxr_jax.interop import registry  # pylint: disable=g-import-not-at-top
 
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
-  model = torch_modules.build(config, host_batch["labels"].shape[1])
-  model = model.to(device, memory_format=memory_format).train()
+  model = registry.build_mirror(config, task).to(device, memory_format=memory_format).train()
+  loss_fn = registry.torch_loss(config)
   optimizer = _torch_optimizer(config.optim, model.parameters())
   preset, channels = layers.PRESETS[config.model.normalization], config.model.channels
   mean = torch.tensor(preset["mean"], device=device).reshape(-1, 1, 1)
   std = torch.tensor(preset["std"], device=device).reshape(-1, 1, 1)
   images = torch.from_numpy(host_batch["image"]).to(device).permute(0, 3, 1, 2)
-  targets = torch.from_numpy(host_batch["labels"]).to(device)
-  mask = torch.from_numpy(host_batch["label_mask"]).to(device)
+  batch = {k: torch.from_numpy(v).to(device) for k, v in host_batch.items() if k != "image"}
+  inputs = {k: batch[k] for k in methods.get(config.model.name).inputs}
+  weight = torch.ones(len(images), device=device)
 
   def step():
     # The same normalisation as `steps.model_images`, on the device, inside the step.
     x = ((images.float() / 255.0).expand(-1, channels, -1, -1) - mean) / std
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
-      logits = model(x.contiguous(memory_format=memory_format))["logits"]
-    loss = F.binary_cross_entropy_with_logits(logits.float(), targets, weight=mask,
-                                              reduction="sum") / mask.sum().clamp(min=1.0)
+      outputs = model(x.contiguous(memory_format=memory_format), **inputs)
+    loss, _ = loss_fn(outputs, batch, task=task, config=config, weight=weight)
     loss.backward()
     if config.optim.clip_norm > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_norm)
@@ -311,7 +335,8 @@ def measure_torch(config: ml_collections.ConfigDict, host_batch: Mapping[str, np
   cuda = device.type == "cuda"
   if cuda:
     torch.cuda.reset_peak_memory_stats()
-  step, params = _torch_step(config, host_batch, device, sync, channels_last)
+  step, params = _torch_step(config, experiment.make_task(config, synthetic_manifest(
+      config.train.global_batch)), host_batch, device, sync, channels_last)
   losses = []
   timing = time_steps(lambda: losses.append(step()), steps=steps_timed, warmup=warmup)
   result = dict(
@@ -334,8 +359,10 @@ def benchmark(config: ml_collections.ConfigDict, *, steps_timed: int, warmup: in
               with_torch: bool, channels_last: bool = True,
               peak: float | None = None) -> dict[str, Any]:
   """One setting: the JSON-able record of the JAX step and, optionally, the torch step."""
-  num_classes = len(labels_lib.NIH_LABELS)
-  host_batch = synthetic_batch(config.train.global_batch, config.data.image_size, num_classes,
+  manifest = synthetic_manifest(config.train.global_batch)
+  task = experiment.make_task(config, manifest)
+  num_classes = task.num_classes
+  host_batch = synthetic_batch(config.train.global_batch, config.data.image_size, manifest,
                                config.seed)
   torch_result = None
   if with_torch:  # first: JAX's GPU allocator keeps what it takes
@@ -371,7 +398,7 @@ def _rounded(value: Any) -> Any:
 
 
 def main(argv):
-  del argv
+  cli.check_no_arguments(argv)
   args = flags.FLAGS
   config = apply_overrides(args.config, batch=args.batch, image_size=args.image_size,
                            dtype=args.dtype, remat=args.remat)
@@ -400,4 +427,4 @@ if __name__ == "__main__":
                      "Peak TFLOP/s of one device for the MFU (default: PEAK_TFLOPS).")
   flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
   flags.mark_flag_as_required("config")
-  app.run(main, flags_parser=config_utils.parse_flags)
+  cli.run(main)

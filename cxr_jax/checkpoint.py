@@ -5,7 +5,8 @@ and `data/` (JSON: the index of the next global batch, the data seed and global 
 The training stream is a pure function of (seed, global batch index) whatever the number of
 processes or workers (`cxr_jax.data.pipeline`), so that index is the whole iterator state, and
 unlike grain's per-process iterator files it restores on any number of processes.
-Kept: the latest `keep` checkpoints plus the `keep_best` best by validation mean AUC. Restoring
+Kept: the latest `keep` checkpoints plus the `keep_best` best by a validation metric
+(`config.checkpoint.best_metric`, e.g. `val/mean_auc`, ranked by `best_mode`). Restoring
 takes an abstract state carrying the *current* mesh's shardings, so a checkpoint written by any
 number of devices or processes restores on any other.
 """
@@ -19,21 +20,21 @@ import jax
 from absl import logging
 import orbax.checkpoint as ocp
 
-BEST_METRIC = "val_mean_auc"
-
-
 class Checkpointer:
   """Saves and restores {state, data iterator}; one per run directory."""
 
-  def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1, read_only: bool = False):
+  def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1, read_only: bool = False,
+               best_metric: str = "val/mean_auc", best_mode: str = "max"):
     self.directory = os.path.abspath(directory)
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-        ocp.checkpoint_managers.LatestN(n=keep),
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=keep_best,
-                                      keep_checkpoints_without_metrics=False),
-    ])
+    self.best_metric = best_metric
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if keep_best:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=keep_best,
+          keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        best_fn=lambda m: m[best_metric], best_mode=best_mode,
         create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -51,8 +52,8 @@ class Checkpointer:
       return self.manager.latest_step()
     if which == "best":
       best = self.manager.best_step()
-      if best is None:  # no checkpoint carries a finite validation mean AUC
-        logging.warning("no checkpoint is ranked by %s; using the latest", BEST_METRIC)
+      if best is None:  # no checkpoint carries a finite value of the metric
+        logging.warning("no checkpoint is ranked by %s; using the latest", self.best_metric)
         return self.manager.latest_step()
       return best
     step = int(which)
@@ -63,7 +64,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_position: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
-    """Saves asynchronously; `metrics` (with the validation mean AUC) rank the best checkpoints."""
+    """Saves asynchronously; `metrics` (holding the best metric) rank the best checkpoints."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_position))
     self.manager.save(step, args=args, metrics=metrics, force=True)

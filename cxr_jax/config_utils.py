@@ -32,6 +32,20 @@ def _positive(config, path: str) -> list[str]:
   return [] if value > 0 else [f"config.{path}={value!r}: must be > 0"]
 
 
+def _non_negative(config, path: str) -> list[str]:
+  value = get(config, path)
+  return [] if value >= 0 else [f"config.{path}={value!r}: must be >= 0 (0: never)"]
+
+
+def _evaluators(config) -> list[str]:
+  from cxr_jax.metrics import evaluators  # pylint: disable=g-import-not-at-top  (no cycle at import)
+  try:
+    evaluators.parse(config.eval.evaluators)
+  except ValueError as e:
+    return [f"config.eval.evaluators: {e}"]
+  return []
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every bad value, before anything expensive starts."""
   problems = []
@@ -39,13 +53,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems += _choice(config, "model.normalization", layers.PRESETS)
   problems += _choice(config, "model.channels", (1, 3))
   problems += _choice(config, "loss.name", losses.NAMES)
+  problems += _choice(config, "loss.class_counts", losses.CLASS_COUNTS)
+  problems += _choice(config, "data.target", methods.TARGETS)
+  problems += _choice(config, "eval.uncertain", ("mask", "policy"))
+  problems += _choice(config, "checkpoint.best_mode", ("max", "min"))
+  problems += optim.check_groups(config.optim)
+  problems += _evaluators(config)
   problems += _choice(config, "optim.name", optim.OPTIMIZERS)
   problems += _choice(config, "optim.schedule", optim.SCHEDULES)
   problems += _choice(config, "data.uncertainty", labels.POLICIES)
   problems += _choice(config, "parallel.distributed", parallel.MODES)
   for path in ("train.steps", "train.global_batch", "train.log_every", "eval.global_batch",
-               "data.image_size", "optim.lr", "checkpoint.keep"):
+               "data.image_size", "optim.lr", "checkpoint.keep", "checkpoint.every"):
     problems += _positive(config, path)
+  for path in ("train.eval_every", "checkpoint.keep_best", "optim.warmup_steps"):
+    problems += _non_negative(config, path)
+  if not config.checkpoint.best_metric.startswith("val/"):
+    problems.append(f"config.checkpoint.best_metric={config.checkpoint.best_metric!r}: name a "
+                    "validation metric, e.g. val/mean_auc or val/loc/ham/mean_tiou")
   try:
     jnp.dtype(config.dtype)
   except TypeError:

@@ -1,10 +1,18 @@
-"""Evaluates a trained run on a split: per-class AUC with patient-level bootstrap CIs, AUPRC.
+"""Evaluates a trained run on a split with the config's evaluators.
 
   python -m cxr_jax.evaluate --workdir runs/phantom [--split test] [--checkpoint best|latest|STEP]
+      [--heatmaps 8]
 
-Writes `<workdir>/eval_<split>.json` (the report) and `<workdir>/predictions_<split>.csv`
-(`Image Index,prob_<label>,...`), and prints the per-class table. A workdir without the requested
-checkpoint is an error, never an evaluation of an untrained model.
+Writes into the workdir:
+  eval_<split>.json          the classification report (per-class AUC with patient-level bootstrap
+                             CIs, AUPRC), the loss and its terms, and location accuracy when
+                             configured
+  predictions_<split>.csv    `Image Index,prob_<class>,...` (scores of the method's score function)
+  localization_<split>.json  when the method returns `cams` and the split has boxes: each
+                             configured localization protocol (HAM's, Wang et al.'s)
+  heatmaps_<split>/          with --heatmaps N: N overlay PNGs named by image id
+and prints the tables. A workdir without the requested checkpoint is an error, never an evaluation
+of an untrained model.
 """
 
 from __future__ import annotations
@@ -15,28 +23,54 @@ import os
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from cxr_jax import experiment, metrics, parallel, steps, run_log
+from cxr_jax import cli, experiment, heatmaps as heatmaps_lib, parallel
+from cxr_jax.metrics import classification, evaluators as evaluators_lib, localization
 
-def evaluate(workdir: str, split: str = "test", which: str = "best",
-             n_boot: int | None = None) -> dict[str, Any]:
-  """Evaluates the chosen checkpoint of a run on `split`; writes and returns the report."""
+
+def evaluate(workdir: str, split: str = "test", which: str = "best", n_boot: int | None = None,
+             heatmaps: int = 0) -> dict[str, Any]:
+  """Evaluates the chosen checkpoint of a run on `split`; writes and returns the reports.
+
+  Returns:
+    {"classification": report, "localization": {protocol: report} (maybe empty),
+     "location_accuracy": report or None, "losses": {name: mean}, "checkpoint_step": step,
+     "heatmaps": [paths]}.
+  """
   run, state, step = experiment.restore_for_inference(workdir, which)
-  eval_step = steps.make_eval_step(run.model, run.method, run.config, run.mesh)
   image_ids, patient_ids = experiment.record_ids(experiment.split_source(run.config, split))
   n_boot = run.config.eval.bootstrap if n_boot is None else n_boot
-  report, predictions = experiment.evaluate_split(run, eval_step, state, split, n_boot=n_boot,
-                                                  patient_ids=patient_ids)
-  report.update(workdir=os.path.abspath(workdir), split=split, checkpoint_step=step,
-                data_dir=run.config.data.dir)
+  evaluators = experiment.split_evaluators(run, split, n_boot=n_boot, patient_ids=patient_ids,
+                                           required=("classification",))
+  losses = experiment.evaluate_split(run, state, split, evaluators)
+  reports = {name: evaluator.result() for name, evaluator in evaluators.items()}
+  report = dict(reports["classification"], loss=losses.pop("loss"), loss_terms=losses,
+                workdir=os.path.abspath(workdir), split=split, checkpoint_step=step,
+                data_dir=run.config.data.dir,
+                location_accuracy=reports.get("location_accuracy"))
+  located = {name: reports[name] for name in evaluators_lib.LOCALIZATION if name in reports}
+  result = dict(classification=report, localization=located,
+                location_accuracy=reports.get("location_accuracy"), losses=losses,
+                checkpoint_step=step, heatmaps=[])
   if parallel.is_main_process():
-    with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-      json.dump(report, f, indent=1)
+    _write_json(os.path.join(workdir, f"eval_{split}.json"), report)
+    if located:
+      _write_json(os.path.join(workdir, f"localization_{split}.json"),
+                  dict(located, split=split, checkpoint_step=step))
+    predictions = evaluators["classification"].predictions()
     write_predictions(os.path.join(workdir, f"predictions_{split}.csv"),
-                      [image_ids[i] for i in predictions["index"]], predictions["probs"],
-                      run.manifest["label_names"])
-  return report
+                      [image_ids[i] for i in predictions["index"].astype(int)],
+                      predictions["scores"], run.task.class_names)
+  if heatmaps:
+    result["heatmaps"] = heatmaps_lib.write_overlays(
+        run, state, split, heatmaps, os.path.join(workdir, f"heatmaps_{split}"), image_ids)
+  return result
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=1)
 
 
 def write_predictions(path: str, image_ids: list[str], probs: np.ndarray, label_names) -> None:
@@ -49,16 +83,21 @@ def write_predictions(path: str, image_ids: list[str], probs: np.ndarray, label_
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run_log.quiet_library_logs()
+  cli.check_no_arguments(argv)
   args = flags.FLAGS
-  report = evaluate(args.workdir, args.split, args.checkpoint, args.bootstrap)
-  if parallel.is_main_process():
-    print(f"{args.split} split, checkpoint step {report['checkpoint_step']}, "
-          f"{report['n_examples']} images, {report['n_patients']} patients")
-    print(metrics.format_table(report))
-    logging.info("wrote %s", os.path.join(args.workdir, f"eval_{args.split}.json"))
+  result = evaluate(args.workdir, args.split, args.checkpoint, args.bootstrap, args.heatmaps)
+  if not parallel.is_main_process():
+    return
+  report = result["classification"]
+  print(f"{args.split} split, checkpoint step {result['checkpoint_step']}, "
+        f"{report['n_examples']} images, {report['n_patients']} patients")
+  print(classification.format_table(report))
+  for name, located in result["localization"].items():
+    print(f"\n{name}:")
+    print(localization.format_table(located))
+  logging.info("wrote %s", os.path.join(args.workdir, f"eval_{args.split}.json"))
+  if result["heatmaps"]:
+    print(f"\nwrote {len(result['heatmaps'])} heatmaps into {os.path.dirname(result['heatmaps'][0])}")
 
 
 if __name__ == "__main__":
@@ -68,4 +107,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
   flags.DEFINE_integer("bootstrap", None,
                        "Bootstrap resamples (default: config.eval.bootstrap; 0: none).")
-  app.run(main)
+  flags.DEFINE_integer("heatmaps", 0, "Write this many overlay PNGs into <workdir>/heatmaps_<split>.")
+  cli.run(main)

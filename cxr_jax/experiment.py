@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import grain
@@ -18,8 +17,9 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cxr_jax import checkpoint, config_utils, methods, metrics as metrics_lib, optim, parallel, steps
-from cxr_jax.data import pipeline, records, tfrecord, writer as data_writer
+from cxr_jax import checkpoint, config_utils, methods, optim, parallel, steps
+from cxr_jax.data import labels as labels_lib, pipeline, records, tfrecord, writer as data_writer
+from cxr_jax.metrics import evaluators as evaluators_lib
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -38,27 +38,64 @@ def prepare_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return data_writer.load_manifest(config.data.dir)
 
 
+def make_task(config: ml_collections.ConfigDict, manifest: Mapping[str, Any]) -> methods.Task:
+  """The task of a run: the learned field, its class names and training-split counts.
+
+  Counts come from the manifest's raw value counts (1, 0, -1, NaN) with the training uncertainty
+  policy applied: -1 counts as a positive under `ones`, a negative under `zeros`, not at all under
+  `ignore`. Fine labels have no policy (their -1 is ignored).
+  """
+  target = config.data.target
+  names = list(manifest["label_names"] if target == "labels" else manifest.get("fine_label_names") or [])
+  if not names:
+    raise ValueError(f"config.data.target={target!r} but {config.data.dir} has no "
+                     f"{target.replace('_', ' ')} (prepare it with location-aware labels)")
+  split = manifest["splits"].get(config.data.train_split, {})
+  counts = split.get("label_counts" if target == "labels" else "fine_label_counts")
+  positives = negatives = None
+  if counts is not None:
+    codes = np.zeros(len(names), np.int64)
+    if target == "labels":
+      codes = labels_lib.resolve_policies(
+          names, config.data.uncertainty,
+          labels_lib.parse_policy_overrides(config.data.uncertainty_per_label))
+    uncertain = np.asarray(counts["uncertain"])
+    positives = np.asarray(counts["positive"]) + uncertain * (codes == labels_lib.POLICIES.index("ones"))
+    negatives = np.asarray(counts["negative"]) + uncertain * (codes == labels_lib.POLICIES.index("zeros"))
+    positives, negatives = tuple(positives.tolist()), tuple(negatives.tolist())
+  return methods.Task(target=target, class_names=tuple(names), positives=positives,
+                      negatives=negatives, label_names=tuple(manifest["label_names"]),
+                      fine_label_names=tuple(manifest.get("fine_label_names") or ()),
+                      anatomy_names=tuple(manifest.get("anatomy_names") or ()))
+
+
 def split_source(config: ml_collections.ConfigDict, split: str) -> records.RecordSource:
   """The records of one split of the configured dataset."""
   return records.split_source(config.data.dir, split, verify_crc=config.data.verify_crc)
 
 
-def train_dataset(config, manifest) -> grain.MapDataset:
-  """This process's endless stream of training batches."""
-  spec = pipeline.make_spec(config.data.to_dict(), manifest, train=True)
-  return pipeline.train_dataset(split_source(config, config.data.train_split), spec,
+def _spec(config, manifest, method: methods.Method, *, train: bool) -> pipeline.ExampleSpec:
+  mask_uncertain = not train and config.eval.uncertain == "mask"
+  return pipeline.make_spec(config.data.to_dict(), manifest, train=train, inputs=method.inputs,
+                            mask_uncertain=mask_uncertain)
+
+
+def train_dataset(config, manifest, method: methods.Method) -> grain.MapDataset:
+  """This process's endless stream of training batches, with the method's inputs."""
+  return pipeline.train_dataset(split_source(config, config.data.train_split),
+                                _spec(config, manifest, method, train=True),
                                 global_batch=config.train.global_batch, seed=config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
 
 
-def eval_batches(config, manifest, split: str) -> Iterator[dict[str, np.ndarray]]:
-  """This process's padded evaluation batches of `split`."""
-  spec = pipeline.make_spec(config.data.to_dict(), manifest, train=False)
-  ds = pipeline.eval_dataset(split_source(config, split), spec,
-                             global_batch=config.eval.global_batch,
-                             process_index=jax.process_index(), process_count=jax.process_count())
-  return pipeline.to_iterator(ds, worker_count=config.data.worker_count, prefetch=config.data.prefetch)
+def eval_dataset(config, manifest, method: methods.Method, split: str, *,
+                 global_batch: int | None = None) -> grain.MapDataset:
+  """This process's padded evaluation batches of `split`, with the method's inputs."""
+  return pipeline.eval_dataset(split_source(config, split),
+                               _spec(config, manifest, method, train=False),
+                               global_batch=global_batch or config.eval.global_batch,
+                               process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def example_batch(ds: grain.MapDataset) -> dict[str, np.ndarray]:
@@ -74,36 +111,82 @@ class Run:
   config: ml_collections.ConfigDict
   manifest: dict[str, Any]
   mesh: jax.sharding.Mesh
-  method: ModuleType
+  method: methods.Method
+  task: methods.Task
   model: nn.Module
   tx: optax.GradientTransformation
   schedule: Callable[[int], Any]
+  _outputs: dict[str, Any] | None = None
+
+  def output_shapes(self) -> dict[str, Any]:
+    """The shapes of the model's outputs in inference mode (traced once, nothing computed)."""
+    if self._outputs is None:
+      example = example_batch(eval_dataset(self.config, self.manifest, self.method,
+                                           self.config.data.val_split, global_batch=1))
+
+      def outputs():
+        variables = steps.init_variables(self.model, self.config, jax.random.PRNGKey(0), example,
+                                         self.method)
+        return steps.apply_model(self.model, self.method, self.config, variables, example)
+      self._outputs = jax.eval_shape(outputs)
+    return self._outputs
 
 
 def assemble(config: ml_collections.ConfigDict, manifest: dict[str, Any]) -> Run:
-  """Builds the mesh, the method's model and the optimizer, checking the batch sizes."""
+  """Builds the mesh, the task, the method's model and the optimizer, checking the batch sizes
+  and that the dataset has what the method reads."""
   mesh = parallel.make_mesh()
   parallel.check_global_batch(config.train.global_batch, mesh)
   parallel.check_global_batch(config.eval.global_batch, mesh, "eval global batch")
   method = methods.get(config.model.name)
-  model = method.build(config, len(manifest["label_names"]))
+  task = make_task(config, manifest)
+  # Checked here, at start, rather than as a KeyError while tracing.
+  pipeline.make_spec(config.data.to_dict(), manifest, train=False, inputs=method.inputs)
+  model = method.build(config, task)
   tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  return Run(config, manifest, mesh, method, model, tx, schedule)
+  return Run(config, manifest, mesh, method, task, model, tx, schedule)
+
+
+def pretrained_files(init_from: str, backbones: Sequence[str]) -> dict[str, str]:
+  """`config.init_from` as {backbone subtree: weights file}.
+
+  One path loads every backbone of the method; `name=path,name=path` loads each named one.
+  """
+  if not init_from:
+    return {}
+  if "=" not in init_from:
+    return {name: init_from for name in backbones}
+  files = dict(item.split("=", 1) for item in init_from.split(",") if item)
+  unknown = sorted(set(files) - set(backbones))
+  if unknown:
+    raise ValueError(f"config.init_from names {unknown}, which are not backbones of "
+                     f"{list(backbones)}")
+  return files
 
 
 def initial_state(run: Run, example: dict[str, np.ndarray]) -> steps.TrainState:
-  """A fresh sharded state; the backbone comes from `config.init_from` when set."""
+  """A fresh sharded state; backbones come from `config.init_from` when set."""
   config, variables = run.config, None
-  if config.init_from:
+  backbone_configs = dict(run.method.backbones)
+  files = pretrained_files(config.init_from, list(backbone_configs))
+  if files:
     from cxr_jax.interop import convert  # pylint: disable=g-import-not-at-top  (needs no torch for .safetensors)
     variables = steps.init_variables(run.model, config, jax.random.PRNGKey(config.seed), example,
                                      run.method)
-    variables, report = convert.load_pretrained(config.init_from, variables, config)
-    logging.info("init_from %s:\n%s", config.init_from, report)
+    for scope, path in files.items():
+      variables, report = convert.load_pretrained(
+          path, variables, config_utils.get(config, backbone_configs[scope]), scope=scope)
+      logging.info("init_from %s into %s:\n%s", path, scope, report)
   state = steps.create_state(run.model, run.tx, config, run.mesh, example, run.method, variables)
-  logging.info("%s / %s: %d parameters", config.model.name, config.model.backbone.name,
+  logging.info("%s on %s: %d parameters", config.model.name, config.model.backbone.name,
                sum(x.size for x in jax.tree.leaves(state.params)))
   return state
+
+
+def abstract_state(run: Run, example: dict[str, np.ndarray]) -> steps.TrainState:
+  """The state's shapes and shardings without computing it or reading `init_from`: a restore
+  target (a resumed run needs neither the pretrained file nor the time to load it)."""
+  return steps.abstract_state(run.model, run.tx, run.config, run.mesh, example, run.method)
 
 
 def restore_for_inference(workdir: str, which: str = "best") -> tuple[Run, steps.TrainState, int]:
@@ -111,13 +194,13 @@ def restore_for_inference(workdir: str, which: str = "best") -> tuple[Run, steps
   config = config_utils.load(workdir)
   manifest = data_writer.load_manifest(config.data.dir)
   run = assemble(config, manifest)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
+                                 best_metric=config.checkpoint.best_metric,
+                                 best_mode=config.checkpoint.best_mode)
   step = ckpt.resolve(which)
-  example = example_batch(pipeline.eval_dataset(
-      split_source(config, config.data.val_split),
-      pipeline.make_spec(config.data.to_dict(), manifest, train=False), global_batch=1))
-  abstract = steps.abstract_state(run.model, run.tx, config, run.mesh, example, run.method)
-  state = ckpt.restore_state(step, abstract)
+  example = example_batch(eval_dataset(config, manifest, run.method, config.data.val_split,
+                                       global_batch=1))
+  state = ckpt.restore_state(step, abstract_state(run, example))
   ckpt.close()
   logging.info("restored step %d from %s", step, ckpt.directory)
   return run, state, step
@@ -129,12 +212,48 @@ def record_ids(source: records.RecordSource) -> tuple[list[str], list[str]]:
   return [p.image_id for p in parsed], [p.patient_id for p in parsed]
 
 
-def evaluate_split(run: Run, eval_step, state, split: str, *, n_boot: int = 0,
-                   patient_ids: list[str] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Predicts every example of `split` exactly once; returns (metrics report, predictions)."""
-  predictions = steps.predict(eval_step, state, eval_batches(run.config, run.manifest, split), run.mesh)
-  report = metrics_lib.evaluate_predictions(
-      predictions["probs"], predictions["labels"], predictions["label_mask"],
-      run.manifest["label_names"], patient_ids=patient_ids, n_boot=n_boot, seed=run.config.seed)
-  report["loss"] = predictions["loss"]
-  return report, predictions
+class NonFiniteScores(FloatingPointError):
+  """The model produced NaN or Inf scores while evaluating."""
+
+
+def split_evaluators(run: Run, split: str, *, n_boot: int = 0,
+                     patient_ids: Sequence[str] | None = None,
+                     required: Sequence[str] = ()) -> dict[str, Any]:
+  """The configured evaluators (plus `required` ones) that can run on `split` for this method."""
+  boxes = run.manifest["splits"].get(split, {}).get("num_boxes")
+  names = evaluators_lib.parse(run.config.eval.evaluators)
+  names += tuple(name for name in required if name not in names)
+  return evaluators_lib.build(
+      names, run.task, run.config.eval,
+      image_size=run.config.data.image_size, has_cams="cams" in run.output_shapes(),
+      has_boxes=boxes is None or boxes > 0, patient_ids=patient_ids, n_boot=n_boot,
+      seed=run.config.seed)
+
+
+def evaluate_split(run: Run, state, split: str, evaluators: Mapping[str, Any]) -> dict[str, float]:
+  """Streams every example of `split` exactly once through the evaluators (batch by batch; no
+  split-sized array of maps is ever held) and returns the split's weighted mean loss terms.
+
+  Raises:
+    NonFiniteScores: the model's scores hold NaN or Inf.
+  """
+  eval_step = steps.make_eval_step(run.model, run.method, run.task, run.config, run.mesh,
+                                   with_cams=evaluators_lib.needs_cams(evaluators))
+  batches = pipeline.to_iterator(eval_dataset(run.config, run.manifest, run.method, split),
+                                 worker_count=run.config.data.worker_count,
+                                 prefetch=run.config.data.prefetch)
+  totals: dict[str, float] = {}
+  for batch in batches:
+    device_batch, _ = pipeline.host_fields(batch)
+    per_example, batch_totals = eval_step(state, parallel.to_global(device_batch, run.mesh))
+    per_example, batch_totals = parallel.gather((per_example, batch_totals))
+    keep = per_example["valid"] > 0
+    per_example = {k: v[keep] for k, v in per_example.items()}
+    if not np.isfinite(per_example["scores"]).all():
+      raise NonFiniteScores(f"the model's scores on {split} are not finite")
+    for evaluator in evaluators.values():
+      evaluator.update(per_example)
+    for name, value in batch_totals.items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  weight = max(totals.pop("weight", 0.0), 1.0)
+  return {name: value / weight for name, value in totals.items()}

@@ -6,10 +6,13 @@ Writes into `--out` (a new or empty folder):
   model.safetensors   the weights as a state_dict with the torch mirror's names (torchvision's own
                       for the baseline); written with numpy, so torch is not needed
   config.json         the run's resolved config, plus `export` (step, checkpoint, workdir)
-  labels.json         label names in the order of the model's outputs
-  preprocessing.json  image size, channels, per-channel mean/std and the input recipe
-  model.pt            when torch is installed: TorchScript taking (B, 1, H, W) pixel/255 and
-                      returning sigmoid probabilities (B, K); `torch.jit.load` is all it needs
+  labels.json         class names in the order of the model's outputs
+  preprocessing.json  image size, channels, per-channel mean/std, the input recipe, the method's
+                      extra inputs and its score function
+  model.pt            when torch is installed: TorchScript taking (B, 1, H, W) pixel/255 (then
+                      the method's extra inputs, e.g. an anatomy map) and returning the method's
+                      scores (B, K) (sigmoid probabilities unless the method says otherwise);
+                      `torch.jit.load` is all it needs
 Everything is written into a staging folder that becomes `--out` only when complete, so a failed
 export leaves nothing behind. Loading it in PyTorch: docs/pytorch.md.
 """
@@ -23,20 +26,21 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from cxr_jax import experiment, fileutil, layers, run_log
-from cxr_jax.interop import convert
+from cxr_jax import cli, experiment, fileutil, layers, methods
+from cxr_jax.interop import convert, registry
 
 WEIGHTS, CONFIG, LABELS, PREPROCESSING, TORCHSCRIPT = (
     "model.safetensors", "config.json", "labels.json", "preprocessing.json", "model.pt")
 INPUT = ("8-bit grayscale PNG resized to image_size x image_size with area (PIL BOX) interpolation "
          "(unchanged when already that size), pixel/255 as float32 of shape (B, 1, H, W); then "
          "(x - mean[c]) / std[c] for each of `channels` copies of the gray channel")
-OUTPUT = "sigmoid probabilities per label, in the order of labels.json"
+OUTPUT = "{scores} scores per class, in the order of labels.json"
 
 
-def preprocessing(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def preprocessing(config: ml_collections.ConfigDict, method: methods.Method | None = None
+                  ) -> dict[str, Any]:
   """What the model expects as input, as `cxr_jax.steps.model_images` prepares it."""
   preset = layers.PRESETS[config.model.normalization]
   channels = config.model.channels
@@ -44,9 +48,11 @@ def preprocessing(config: ml_collections.ConfigDict) -> dict[str, Any]:
   def per_channel(value):
     return np.broadcast_to(np.asarray(value, np.float64), (channels,)).tolist()
 
+  method = method or methods.get(config.model.name)
   return dict(image_size=config.data.image_size, channels=channels,
               normalization=config.model.normalization, mean=per_channel(preset["mean"]),
-              std=per_channel(preset["std"]), input=INPUT, output=OUTPUT)
+              std=per_channel(preset["std"]), input=INPUT, extra_inputs=list(method.inputs),
+              scores=method.scores, output=OUTPUT.format(scores=method.scores))
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -55,9 +61,20 @@ def _write_json(path: str, value: Any) -> None:
     f.write("\n")
 
 
-def _write_torchscript(path: str, config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
-                       num_classes: int, spec: Mapping[str, Any]) -> None:
-  """Traces mirror + preprocessing + sigmoid into `path`; without torch, logs a note instead."""
+def _trace_inputs(run: experiment.Run, count: int) -> list[np.ndarray]:
+  """`count` real examples of the validation split as the exported model's inputs, in order:
+  the image as pixel/255 (B, 1, H, W), then the method's extra inputs as the pipeline makes them."""
+  batch = experiment.eval_dataset(run.config, run.manifest, run.method, run.config.data.val_split,
+                                  global_batch=1)
+  examples = [batch[i % len(batch)] for i in range(count)]
+  image = np.concatenate([e["image"] for e in examples]).transpose(0, 3, 1, 2) / np.float32(255)
+  return [image.astype(np.float32)] + [np.concatenate([e[k] for e in examples])
+                                       for k in run.method.inputs]
+
+
+def _write_torchscript(path: str, run: experiment.Run, state_dict: Mapping[str, np.ndarray],
+                       spec: Mapping[str, Any]) -> None:
+  """Traces mirror + preprocessing + score function into `path`; without torch, logs a note."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -66,16 +83,15 @@ def _write_torchscript(path: str, config: Mapping[str, Any], state_dict: Mapping
     return
   from cxr_jax.interop import torch_modules  # pylint: disable=g-import-not-at-top  (imports torch)
 
-  mirror = torch_modules.build(config, num_classes)
+  mirror = registry.build_mirror(run.config, run.task)
   mirror.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
-  model = torch_modules.Predictor(mirror, spec["mean"], spec["std"]).eval()
-  size = spec["image_size"]
-  generator = torch.Generator().manual_seed(0)
+  model = torch_modules.Predictor(mirror, spec["mean"], spec["std"], scores=run.method.scores,
+                                  inputs=run.method.inputs).eval()
+  inputs = [torch.from_numpy(x) for x in _trace_inputs(run, 3)]
   with torch.no_grad():
-    traced = torch.jit.trace(model, torch.rand(2, 1, size, size, generator=generator))
+    traced = torch.jit.trace(model, tuple(x[:2] for x in inputs))
     # Another batch size than the trace's: the traced graph must not have frozen a shape.
-    check = torch.rand(3, 1, size, size, generator=generator)
-    difference = (traced(check) - model(check)).abs().max().item()
+    difference = (traced(*inputs) - model(*inputs)).abs().max().item()
   if difference > 1e-6:
     raise RuntimeError(f"the traced model differs from the eager mirror by {difference}")
   traced.save(path)
@@ -85,14 +101,13 @@ def _write(folder: str, run: experiment.Run, state, step: int, meta: Mapping[str
   """Writes every export file into `folder`; returns their names."""
   config = run.config
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-  state_dict = convert.to_state_dict(variables, convert.torch_names(config))
+  state_dict = convert.to_state_dict(variables, registry.torch_names(config))
   convert.state_dict_to_safetensors(state_dict, os.path.join(folder, WEIGHTS))
   _write_json(os.path.join(folder, CONFIG), dict(config.to_dict(), export=dict(meta, step=step)))
-  label_names = list(run.manifest["label_names"])
-  _write_json(os.path.join(folder, LABELS), label_names)
-  spec = preprocessing(config)
+  _write_json(os.path.join(folder, LABELS), list(run.task.class_names))
+  spec = preprocessing(config, run.method)
   _write_json(os.path.join(folder, PREPROCESSING), spec)
-  _write_torchscript(os.path.join(folder, TORCHSCRIPT), config, state_dict, len(label_names), spec)
+  _write_torchscript(os.path.join(folder, TORCHSCRIPT), run, state_dict, spec)
   return sorted(os.listdir(folder))
 
 
@@ -118,9 +133,7 @@ def export(workdir: str, out: str, which: str = "best") -> dict[str, Any]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run_log.quiet_library_logs()
+  cli.check_no_arguments(argv)
   result = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.checkpoint)
   print(f"exported step {result['step']} to {result['out']}: {', '.join(result['files'])}")
 
@@ -130,4 +143,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Workdir of a training run.", required=True)
   flags.DEFINE_string("out", None, "Folder to create with the exported files.", required=True)
   flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
-  app.run(main)
+  cli.run(main)

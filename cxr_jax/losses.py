@@ -2,8 +2,9 @@
 ignored uncertain labels, padding) contribute nothing, and the mean runs over the rest.
 
 - `bce`: binary cross-entropy with logits (CheXNet).
-- `wbce`: class-weighted BCE, W-CEL of Wang et al. (CVPR 2017): within the batch, positives of a
-  class weigh (|P| + |N|) / |P| and negatives (|P| + |N|) / |N|.
+- `wbce`: class-weighted BCE, W-CEL of Wang et al. (CVPR 2017): positives of a class weigh
+  (|P| + |N|) / |P| and negatives (|P| + |N|) / |N|, with |P| and |N| counted within the batch
+  (`loss.class_counts="batch"`, the paper's) or on the training split (`"train"`, from the task).
 - `focal`: focal loss (Lin et al. 2017) with focusing parameter gamma and optional alpha.
 """
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 NAMES = ("bce", "wbce", "focal")
+CLASS_COUNTS = ("batch", "train")
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -32,10 +34,12 @@ def bce(logits, targets, mask) -> jax.Array:
   return masked_mean(bce_terms(logits, targets), mask)
 
 
-def weighted_bce(logits, targets, mask) -> jax.Array:
-  """W-CEL: BCE with per-class positive/negative weights from the batch's label counts."""
-  pos = jnp.sum(targets * mask, axis=0)
-  neg = jnp.sum((1 - targets) * mask, axis=0)
+def weighted_bce(logits, targets, mask, counts=None) -> jax.Array:
+  """W-CEL: BCE with per-class positive/negative weights from label counts: the batch's, or
+  `counts` = (positives, negatives) per class when given."""
+  if counts is None:
+    counts = jnp.sum(targets * mask, axis=0), jnp.sum((1 - targets) * mask, axis=0)
+  pos, neg = counts
   total = pos + neg
   # A class with no positives (or negatives) in the batch keeps weight 1 for what it has.
   w_pos = jnp.where(pos > 0, total / jnp.maximum(pos, 1.0), 1.0)
@@ -54,18 +58,20 @@ def focal(logits, targets, mask, *, gamma: float = 2.0, alpha: float = -1.0) -> 
   return masked_mean(terms, mask)
 
 
-def classification_loss(logits: jax.Array, batch: Mapping[str, jax.Array],
-                        loss_config: Mapping[str, Any]) -> jax.Array:
-  """The multi-label loss named by `config.loss.name`, on float32 logits."""
+def classification_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                        loss_config: Mapping[str, Any], task: Any = None) -> jax.Array:
+  """The multi-label loss named by `config.loss.name`, on float32 logits.
+
+  `mask` already carries the example weights (0 for padding); `task` (a `cxr_jax.methods.Task`)
+  supplies training-split class counts when `loss.class_counts="train"`.
+  """
   logits = logits.astype(jnp.float32)
-  targets, mask = batch["labels"], batch["label_mask"]
-  if "valid" in batch:
-    mask = mask * batch["valid"][:, None]
   name = loss_config["name"]
   if name == "bce":
     return bce(logits, targets, mask)
   if name == "wbce":
-    return weighted_bce(logits, targets, mask)
+    counts = task.counts() if loss_config["class_counts"] == "train" else None
+    return weighted_bce(logits, targets, mask, counts)
   if name == "focal":
     return focal(logits, targets, mask, gamma=loss_config["focal_gamma"],
                  alpha=loss_config["focal_alpha"])

@@ -7,12 +7,14 @@
 Order of operations: check the config, start jax.distributed if asked, prepare the data if the
 config knows how and it is absent, build the mesh, model, optimizer and sharded state, resume from
 the latest checkpoint in the workdir (state and data stream), then train with periodic logging,
-evaluation and checkpoints. A NaN/Inf loss stops the run (the last good checkpoint stays);
+evaluation and checkpoints. A NaN/Inf loss, parameter or score stops the run (only finite states
+are saved, so the last checkpoint is a good one);
 Ctrl-C or SIGTERM saves a checkpoint first. Where each output lands: README "Where things are".
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from typing import Any
@@ -20,11 +22,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from cxr_jax import checkpoint, config_utils, experiment, parallel, steps, run_log
+from cxr_jax import checkpoint, cli, config_utils, experiment, parallel, run_log, steps
 from cxr_jax.data import pipeline
 
 
@@ -64,14 +66,26 @@ class StopRequest:
       signal.signal(signum, handler)
 
 
-def check_finite(loss: float, step: int, ckpt: checkpoint.Checkpointer) -> None:
-  """Stops the run on a NaN/Inf loss, naming the last good checkpoint."""
-  if not np.isfinite(loss):
-    ckpt.wait()
-    raise FloatingPointError(
-        f"loss is {loss} at step {step}; stopping. The last good checkpoint is step "
-        f"{ckpt.latest_step()} in {ckpt.directory} (lower config.optim.lr, or set "
-        "config.optim.clip_norm, and resume)")
+def stop_not_finite(what: str, step: int, ckpt: checkpoint.Checkpointer) -> None:
+  """Stops the run, naming the last checkpoint saved (only finite states are ever saved)."""
+  ckpt.wait()
+  raise FloatingPointError(
+      f"{what} at step {step}; stopping. The last good checkpoint is step "
+      f"{ckpt.latest_step()} in {ckpt.directory} (lower config.optim.lr, or set "
+      "config.optim.clip_norm, and resume)")
+
+
+def check_finite(scalars: dict[str, float], step: int, ckpt: checkpoint.Checkpointer) -> None:
+  """Stops the run on a NaN/Inf loss, or on a finite loss whose update broke the state."""
+  if not np.isfinite(scalars["loss"]):
+    stop_not_finite(f"loss is {scalars['loss']}", step, ckpt)
+  if scalars["state_finite"] != 1:
+    stop_not_finite("the parameters or BatchNorm statistics are not finite", step, ckpt)
+
+
+def learning_rate(schedule, step: int) -> float:
+  """The learning rate step `step` (1-based) applied: optax counts updates from 0."""
+  return float(schedule(step - 1))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -83,18 +97,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_utils.save(config, workdir)
   manifest = experiment.prepare_data(config)
   run = experiment.assemble(config, manifest)
-  train_ds = experiment.train_dataset(config, manifest)
-  state = experiment.initial_state(run, experiment.example_batch(train_ds))
-  train_step = steps.make_train_step(run.model, run.tx, run.method, config, run.mesh)
-  eval_step = steps.make_eval_step(run.model, run.method, config, run.mesh)
-
+  train_ds = experiment.train_dataset(config, manifest, run.method)
+  example = experiment.example_batch(train_ds)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                                 keep_best=config.checkpoint.keep_best)
+                                 keep_best=config.checkpoint.keep_best,
+                                 best_metric=config.checkpoint.best_metric,
+                                 best_mode=config.checkpoint.best_mode)
   start = ckpt.latest_step() or 0
   if start:
-    state, position = ckpt.restore_training(start, checkpoint.abstract(state))
-    check_stream(position, config)
+    # Restored onto the abstract state: `init_from` is neither read nor needed again.
+    state, position = ckpt.restore_training(start, experiment.abstract_state(run, example))
+    check_stream(position, config, manifest)
     logging.info("resumed from step %d in %s", start, ckpt.directory)
+  else:
+    state = experiment.initial_state(run, example)
+  train_step = steps.make_train_step(run.model, run.tx, run.method, run.task, config, run.mesh)
   data_iter = pipeline.to_iterator(train_ds[start:], worker_count=config.data.worker_count,
                                    prefetch=config.data.prefetch)
 
@@ -111,16 +128,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last["train"] = log_train(log, progress, step, train_metrics, run.schedule, ckpt)
       val = None
       if (config.train.eval_every and step % config.train.eval_every == 0) or final:
-        report, _ = experiment.evaluate_split(run, eval_step, state, config.data.val_split)
-        val = last["val"] = val_scalars(report)
-        log.write(step, "val", val)
-        logging.info("step %d: val loss %.4f, val mean AUC %.4f", step, val["val_loss"],
-                     val["val_mean_auc"])
+        check_finite(fetch(train_metrics), step, ckpt)
+        val = last["val"] = validate(run, state, step, log, ckpt)
       if step % config.checkpoint.every == 0 or final:
-        check_finite(float(jax.device_get(train_metrics["loss"])), step, ckpt)
-        ranked = val is not None and np.isfinite(val["val_mean_auc"])
-        ckpt.save(step, state, stream_position(step, config),
-                  metrics={checkpoint.BEST_METRIC: val["val_mean_auc"]} if ranked else None)
+        check_finite(fetch(train_metrics), step, ckpt)  # never save a state that is not finite
+        ckpt.save(step, state, stream_position(step, config, manifest),
+                  metrics=ranking(val, config.checkpoint.best_metric))
       if val is not None:
         progress.restart(step)  # throughput counts training time only
       if final and step < config.train.steps:
@@ -134,46 +147,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return last
 
 
-def stream_position(step: int, config) -> dict[str, Any]:
-  """The data iterator's state after `step` steps: the next global batch of the seeded stream."""
-  return dict(next_batch=step, seed=config.seed, global_batch=config.train.global_batch,
-              train_split=config.data.train_split, data_dir=os.path.abspath(config.data.dir))
+def fetch(metrics) -> dict[str, float]:
+  """A step's metrics as host floats."""
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def check_stream(position: dict[str, Any], config) -> None:
-  """Refuses to resume a data stream that the config no longer describes."""
-  current = stream_position(position["next_batch"], config)
-  changed = {k: (position[k], current[k]) for k in ("seed", "global_batch", "train_split")
-             if position[k] != current[k]}
-  if changed:
-    raise ValueError(f"cannot resume: the checkpoint's data stream differs in {changed} "
-                     "(saved, now); use a new workdir or restore these settings")
-
-
-def val_scalars(report: dict[str, Any]) -> dict[str, float]:
-  """The validation numbers worth a time series: loss, mean AUC and each class's AUC."""
-  nan = float("nan")
-  scalars = {"val_loss": report["loss"],
-             "val_mean_auc": nan if report["mean_auc"] is None else report["mean_auc"]}
-  for name, c in report["classes"].items():
-    scalars[f"val_auc/{name}"] = nan if c["auc"] is None else c["auc"]
+def validate(run: experiment.Run, state, step: int, log, ckpt) -> dict[str, float]:
+  """Evaluates the validation split with the configured evaluators; logs and returns the scalars
+  (`loss`, each loss term, `mean_auc`, `auc/<class>`, `loc/...`), which rank checkpoints as
+  `val/<name>`."""
+  split = run.config.data.val_split
+  evaluators = experiment.split_evaluators(run, split)
+  try:
+    scalars = experiment.evaluate_split(run, state, split, evaluators)
+  except experiment.NonFiniteScores as e:
+    stop_not_finite(str(e), step, ckpt)
+  for evaluator in evaluators.values():
+    scalars.update(evaluator.scalars(evaluator.result()))
+  log.write(step, "val", scalars)
+  shown = ", ".join(f"{k} {v:.4f}" for k, v in scalars.items() if "/" not in k or k.startswith("loc/"))
+  logging.info("step %d: val %s", step, shown)
   return scalars
 
 
+def ranking(val: dict[str, float] | None, best_metric: str) -> dict[str, float] | None:
+  """The checkpoint's ranking metrics, or None when it was not validated or the value is NaN."""
+  if val is None:
+    return None
+  name = best_metric.removeprefix("val/")
+  if name not in val:
+    raise ValueError(f"config.checkpoint.best_metric={best_metric!r} is not a validation metric "
+                     f"of this run; it has {sorted('val/' + k for k in val)}")
+  return {best_metric: val[name]} if np.isfinite(val[name]) else None
+
+
+def data_fingerprint(manifest: dict[str, Any], split: str) -> str:
+  """sha256 over the split's shard checksums: changes whenever its records do."""
+  shards = manifest["splits"][split]["shards"]
+  return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+
+
+def stream_position(step: int, config, manifest: dict[str, Any]) -> dict[str, Any]:
+  """The data iterator's state after `step` steps (the next global batch of the seeded stream)
+  and what the stream depends on, so a resume can refuse a changed one."""
+  split = config.data.train_split
+  return dict(next_batch=step, seed=config.seed, global_batch=config.train.global_batch,
+              train_split=split, data_dir=os.path.abspath(config.data.dir),
+              data_fingerprint=data_fingerprint(manifest, split),
+              train_records=manifest["splits"][split]["num_records"],
+              image_size=config.data.image_size)
+
+
+def check_stream(position: dict[str, Any], config, manifest: dict[str, Any]) -> None:
+  """Refuses to resume a data stream that the config or the data no longer describes."""
+  current = stream_position(position["next_batch"], config, manifest)
+  changed = {k: (position.get(k), v) for k, v in current.items()
+             if k != "next_batch" and position.get(k) != v}
+  if changed:
+    details = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in changed.items())
+    raise ValueError(f"cannot resume: the checkpoint's data stream differs ({details}); use a "
+                     "new workdir or restore these settings and data")
+
+
 def log_train(log, progress, step, train_metrics, schedule, ckpt) -> dict[str, float]:
-  """Fetches the step's metrics, stops on a bad loss, and writes the log and progress line."""
-  scalars = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
-  check_finite(scalars["loss"], step, ckpt)
-  scalars.update(progress.update(step), lr=float(schedule(step)))
+  """Fetches the step's metrics, stops on a bad loss or state, and writes the log and progress."""
+  scalars = fetch(train_metrics)
+  check_finite(scalars, step, ckpt)
+  scalars.update(progress.update(step), lr=learning_rate(schedule, step))
   log.write(step, "train", scalars)
   logging.info(progress.line(step, scalars["loss"], scalars["lr"], scalars))
   return scalars
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run_log.quiet_library_logs()
+  cli.check_no_arguments(argv)
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -182,4 +229,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it has checkpoints).")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=config_utils.parse_flags)
+  cli.run(main)

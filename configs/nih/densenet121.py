@@ -41,6 +41,7 @@ def get_config(arg=None):
   c.train.eval_every = steps_per_epoch // 2
   c.checkpoint.every = c.train.eval_every
   c.eval.global_batch = 64
+  c.eval.evaluators = "classification,ham_localization,wang_localization"  # boxes: test split
   if arg.smoke:
     c.data.image_size = 64
     c.data.worker_count = 0

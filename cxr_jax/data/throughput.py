@@ -42,7 +42,7 @@ def main(argv):
   del argv
   manifest = writer.load_manifest(_DATA_DIR.value)
   data_config = dict(image_size=_IMAGE_SIZE.value, uncertainty="ignore", uncertainty_per_label="",
-                     load_anatomy=False, max_boxes=64,
+                     max_boxes=64,
                      augment=dataclasses.asdict(augment.AugmentParams()))
   spec = pipeline.make_spec(data_config, manifest, train=_AUGMENT.value)
   source = records.split_source(_DATA_DIR.value, _SPLIT.value)

@@ -4,8 +4,8 @@ Layout of a prepared dataset folder:
 
     <name>-<split>.tfrecord-00000-of-000NN   shards of at most `max_shard_bytes` each
     cxr_manifest.json                        label names, per-split and per-shard record counts,
-                                             sha256 per shard, converter and version, image size,
-                                             skipped inputs
+                                             per-split label value counts, sha256 per shard,
+                                             converter and version, image size, skipped inputs
     dataset_info.json, features.json         TFDS metadata (TFDS owns these names), so that
                                              `tfds.builder_from_directory(DIR).info` works without TF
 
@@ -29,7 +29,8 @@ from cxr_jax import fileutil
 from cxr_jax.data import tfrecord
 
 MANIFEST = "cxr_manifest.json"
-FORMAT_VERSION = 1
+# 2: per-split label value counts (`label_counts`, `fine_label_counts`) and box counts.
+FORMAT_VERSION = 2
 DEFAULT_MAX_SHARD_BYTES = 256 << 20
 
 
@@ -53,6 +54,17 @@ class _Shard:
     self.sha256.update(record)
     self.num_records += 1
     self.num_bytes += len(record)
+
+
+def count_values(rows: Sequence[np.ndarray] | np.ndarray) -> dict[str, list[int]]:
+  """Per-column counts of the schema's label values in (N, K) rows: 1, 0, -1 and NaN.
+
+  Stored per split in the manifest, so class weights need no pass over the data; the uncertainty
+  policy is applied later, by the reader (`cxr_jax.experiment.make_task`).
+  """
+  rows = np.asarray(rows, np.float32).reshape(len(rows), -1)
+  return dict(positive=(rows == 1).sum(0).tolist(), negative=(rows == 0).sum(0).tolist(),
+              uncertain=(rows == -1).sum(0).tolist(), unknown=np.isnan(rows).sum(0).tolist())
 
 
 class DatasetWriter:
@@ -84,6 +96,9 @@ class DatasetWriter:
     self.tmp_dir = ""  # the staging folder, while the writer is open
     self._staging: contextlib.AbstractContextManager | None = None
     self._shards: dict[str, list[_Shard]] = {}
+    self._labels: dict[str, list[np.ndarray]] = {}
+    self._fine_labels: dict[str, list[np.ndarray]] = {}
+    self._num_boxes: dict[str, int] = {}
     self._skipped: list[dict[str, Any]] = []
 
   def __enter__(self) -> "DatasetWriter":
@@ -123,6 +138,10 @@ class DatasetWriter:
     if not shards or (shards[-1].num_bytes and shards[-1].num_bytes + len(record) > self.max_shard_bytes):
       shards.append(_Shard(os.path.join(self.tmp_dir, f"{self.name}-{split}.part{len(shards)}")))
     shards[-1].write(record)
+    self._labels.setdefault(split, []).append(np.asarray(ex.labels, np.float32))
+    self._num_boxes[split] = self._num_boxes.get(split, 0) + len(np.asarray(ex.boxes).reshape(-1, 4))
+    if ex.fine_labels is not None:
+      self._fine_labels.setdefault(split, []).append(np.asarray(ex.fine_labels, np.float32))
 
   def skip(self, **item: Any) -> None:
     """Records a bad input that was skipped (e.g. file=..., row=..., reason=...) and logs it."""
@@ -155,7 +174,11 @@ class DatasetWriter:
         os.rename(shard.path, os.path.join(self.tmp_dir, final))
         entries.append(dict(file=final, num_records=shard.num_records,
                             num_bytes=shard.num_bytes, sha256=shard.sha256.hexdigest()))
-      splits[split] = dict(num_records=sum(e["num_records"] for e in entries), shards=entries)
+      splits[split] = dict(num_records=sum(e["num_records"] for e in entries), shards=entries,
+                           label_counts=count_values(self._labels[split]),
+                           num_boxes=self._num_boxes[split])
+      if split in self._fine_labels:
+        splits[split]["fine_label_counts"] = count_values(self._fine_labels[split])
     manifest = dict(self.meta, splits=splits,
                     skipped=dict(count=len(self._skipped), items=self._skipped),
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat())

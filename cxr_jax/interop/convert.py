@@ -14,8 +14,8 @@ the keys below it. Leaves are identified by collection, name and rank:
   batch_stats/.../mean, var   running_mean, running_var
   (export only)               num_batches_tracked   int64 0 beside every running_var
 
-Every model the library has declares its names in `METHOD_NAMES` (and its plain-torch mirror in
-`torch_modules`). Export needs only numpy (`to_state_dict` + `state_dict_to_safetensors`);
+Every method declares its names, with its plain-torch mirror and loss, in
+`cxr_jax.interop.registry`. Export needs only numpy (`to_state_dict` + `state_dict_to_safetensors`);
 reading `.pth` files needs torch, `.safetensors` and `.npz` files do not.
 """
 
@@ -88,7 +88,7 @@ _RESNET_RULES = (
     (r"\.downsample\.conv\.", ".downsample.0."),
     (r"\.downsample\.bn\.", ".downsample.1."),
 )
-_TORCHVISION = {
+TORCHVISION_LAYOUT = {
     DenseNet: ("features", (), "classifier"),
     ResNet: ("", _RESNET_RULES, "fc"),
 }
@@ -97,29 +97,15 @@ _TORCHVISION = {
 def backbone_scope(backbone_cfg: Mapping[str, Any], *, flax: str = "", torch: str = "") -> Scope:
   """The scope of a backbone at flax path `flax`, named as torchvision names it under `torch`."""
   cls, _ = backbones.resolve(backbone_cfg)
-  prefix, rules, _ = _TORCHVISION[cls]
+  prefix, rules, _ = TORCHVISION_LAYOUT[cls]
   return Scope(flax, _join(torch, prefix), rules)
 
 
-def _baseline_names(model_cfg: Mapping[str, Any]) -> TorchNames:
+def baseline_names(model_cfg: Mapping[str, Any]) -> TorchNames:
   """torchvision's own keys: `features.*` + `classifier.*` (DenseNet), `conv1...` + `fc.*` (ResNet)."""
   cls, _ = backbones.resolve(model_cfg["backbone"])
-  head = _TORCHVISION[cls][2]
+  head = TORCHVISION_LAYOUT[cls][2]
   return TorchNames((backbone_scope(model_cfg["backbone"], flax="backbone"), Scope("head", head)))
-
-
-# Method name -> its torch names, given `config.model`. A new method adds an entry here (and a
-# mirror to `torch_modules.MIRRORS`), e.g. a mirror that keeps the backbone as `self.backbone`:
-#   lambda m: TorchNames((backbone_scope(m["backbone"], flax="backbone", torch="backbone"), Scope("", "")))
-METHOD_NAMES: dict[str, Callable[[Mapping[str, Any]], TorchNames]] = {"baseline": _baseline_names}
-
-
-def torch_names(config: Mapping[str, Any]) -> TorchNames:
-  """The torch names of the model an experiment config describes (`config.model.name`)."""
-  name = config["model"]["name"]
-  if name not in METHOD_NAMES:
-    raise ValueError(f"no torch names declared for method {name!r}; declared: {sorted(METHOD_NAMES)}")
-  return METHOD_NAMES[name](config["model"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,21 +338,28 @@ class LoadReport:
     return "\n".join(lines)
 
 
-def load_pretrained(path: str | os.PathLike, variables: Mapping[str, Any], config: Mapping[str, Any],
-                    *, scope: str = "backbone") -> tuple[dict[str, Any], LoadReport]:
-  """Fills the flax subtree `scope` of `variables` from a torch-named weights file.
+def load_pretrained(path: str | os.PathLike, variables: Mapping[str, Any],
+                    backbone_cfg: Mapping[str, Any], *, scope: str = "backbone"
+                    ) -> tuple[dict[str, Any], LoadReport]:
+  """Fills the backbone at flax subtree `scope` of `variables` from a torchvision weights file.
 
   This is `config.init_from`: e.g. torchvision's `densenet121-a639ec97.pth` (legacy key names
-  are renamed) into the backbone of `config.model`, leaving the head as initialised. A 1-channel
+  are renamed) into one backbone of the model (described by `backbone_cfg`), leaving the rest as
+  initialised. The file is read with torchvision's own key names, whatever the method calls the
+  backbone in its mirror, so one ImageNet file serves every backbone of every method. A 1-channel
   stem takes the sum of the file's RGB kernel. Loaded leaves become numpy arrays.
 
   Raises:
     ValueError: when a leaf of the scope is missing from the file or has another shape.
   """
-  names = torch_names(config)
+  names = TorchNames((backbone_scope(backbone_cfg, flax=scope),))
   state_dict, renamed = rename_legacy(load_state_dict_file(path))
   flat = _flat(variables)
-  leaves = [leaf for leaf in _leaves(variables, names) if _within(".".join(leaf.path[1:-1]), scope)]
+  within = {c: {k: v for k, v in dict(variables.get(c, {})).items() if k == scope}
+            for c in COLLECTIONS if c in variables}
+  if not within.get("params"):
+    raise ValueError(f"the model has no parameter subtree {scope!r} to load {os.fspath(path)} into")
+  leaves = _leaves(within, names)
   missing, mismatched, adapted, values = _take(state_dict, leaves, flat, sum_rgb=True)
   if missing or mismatched:
     raise ValueError(f"{os.fspath(path)} does not fit {scope or 'the model'}: "

@@ -3,8 +3,10 @@
 The backbones use torchvision's exact module names (`features.denseblock1.denselayer1.norm1`,
 `layer1.0.conv1`), so their state_dicts also load into torchvision; the baseline *is* torchvision's
 classifier layout (`features.*` + `classifier.*`, or `conv1...` + `fc.*`). Like the flax models,
-`forward` takes NCHW images and returns a dict: the backbones `{"C2".."C5"}`, the methods
-`{"logits", "pooled", "features"}`. `cxr_jax.interop.convert` moves weights between the two.
+`forward` takes NCHW images (and a method's extra inputs by name) and returns a dict: the
+backbones `{"C2".."C5"}`, the methods what their flax models return (`logits`, `cams` NHWC as in
+flax, ...). Each method's mirror and torch loss are named in `cxr_jax.interop.registry`;
+`cxr_jax.interop.convert` moves weights between the two frameworks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from cxr_jax import backbones
 from cxr_jax.backbones import densenet as flax_densenet
 from cxr_jax.backbones import resnet as flax_resnet
+from cxr_jax.interop import convert
 
 
 class _DenseLayer(nn.Module):
@@ -155,38 +158,33 @@ class ResNet(nn.Module):
     return stages
 
 
-def _classify(stages: dict[str, torch.Tensor], dropout: nn.Module, head: nn.Module) -> dict[str, Any]:
-  """The baseline's head: global average pool of C5 -> dropout -> linear."""
-  pooled = stages["C5"].mean(dim=(2, 3))
-  return {"logits": head(dropout(pooled)), "pooled": pooled, "features": stages}
+def _baseline_class(backbone_cls: type, head: str) -> type:
+  """torchvision's classifier layout on `backbone_cls`: the backbone's own keys plus a Linear
+  called `head` (`classifier` for DenseNet, `fc` for ResNet), as `densenet*(num_classes=K)`."""
 
+  class Baseline(backbone_cls):
+    """The baseline mirror: C5 -> global average pool -> dropout -> linear; CAMs from C5."""
 
-class DenseNetBaseline(DenseNet):
-  """torchvision's `densenet*(num_classes=K)` layout: `features.*` + `classifier.*`."""
+    def __init__(self, num_classes: int, dropout: float = 0.0, **backbone):
+      super().__init__(**backbone)
+      self.dropout = nn.Dropout(dropout)
+      setattr(self, head, nn.Linear(self.out_channels, num_classes))
 
-  def __init__(self, num_classes: int, dropout: float = 0.0, **backbone):
-    super().__init__(**backbone)
-    self.dropout = nn.Dropout(dropout)
-    self.classifier = nn.Linear(self.out_channels, num_classes)
+    def forward(self, x) -> dict[str, Any]:
+      stages = super().forward(x)
+      linear = getattr(self, head)
+      pooled = stages["C5"].mean(dim=(2, 3))
+      return {"logits": linear(self.dropout(pooled)),
+              "cams": linear(stages["C5"].permute(0, 2, 3, 1)), "pooled": pooled,
+              "features": stages}
 
-  def forward(self, x) -> dict[str, Any]:
-    return _classify(super().forward(x), self.dropout, self.classifier)
-
-
-class ResNetBaseline(ResNet):
-  """torchvision's `resnet*(num_classes=K)` layout: `conv1...layer4.*` + `fc.*`."""
-
-  def __init__(self, num_classes: int, dropout: float = 0.0, **backbone):
-    super().__init__(**backbone)
-    self.dropout = nn.Dropout(dropout)
-    self.fc = nn.Linear(self.out_channels, num_classes)
-
-  def forward(self, x) -> dict[str, Any]:
-    return _classify(super().forward(x), self.dropout, self.fc)
+  Baseline.__name__ = Baseline.__qualname__ = f"{backbone_cls.__name__}Baseline"
+  return Baseline
 
 
 _BACKBONES = {flax_densenet.DenseNet: DenseNet, flax_resnet.ResNet: ResNet}
-_BASELINES = {flax_densenet.DenseNet: DenseNetBaseline, flax_resnet.ResNet: ResNetBaseline}
+_BASELINES = {flax_cls: _baseline_class(_BACKBONES[flax_cls], layout[2])
+              for flax_cls, layout in convert.TORCHVISION_LAYOUT.items()}
 
 
 def _resolve(backbone_cfg: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
@@ -201,37 +199,75 @@ def backbone(backbone_cfg: Mapping[str, Any], in_channels: int = 3) -> nn.Module
   return _BACKBONES[cls](**fields, in_channels=in_channels)
 
 
-def _baseline(config: Mapping[str, Any], num_classes: int) -> nn.Module:
+def baseline(config: Mapping[str, Any], task: Any) -> nn.Module:
+  """The mirror of `cxr_jax.methods.baseline.build(config, task)`."""
   model = config["model"]
   cls, fields = _resolve(model["backbone"])
-  return _BASELINES[cls](num_classes, model["dropout"], **fields, in_channels=model["channels"])
+  return _BASELINES[cls](task.num_classes, model["dropout"], **fields, in_channels=model["channels"])
 
 
-# Method name -> mirror builder, with the signature of the method's own `build(config, num_classes)`.
-MIRRORS = {"baseline": _baseline}
+# Score functions of `cxr_jax.methods.SCORES`, by the same names.
+SCORES = {"sigmoid": torch.sigmoid, "softmax": lambda logits: torch.softmax(logits, dim=-1)}
 
 
-def build(config: Mapping[str, Any], num_classes: int) -> nn.Module:
-  """The torch mirror of `cxr_jax.methods.get(config.model.name).build(config, num_classes)`."""
-  name = config["model"]["name"]
-  if name not in MIRRORS:
-    raise ValueError(f"no torch mirror for method {name!r}; mirrored: {sorted(MIRRORS)}")
-  return MIRRORS[name](config, num_classes)
+def _masked_mean(values, mask):
+  return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def classification_loss(logits, targets, mask, loss_config: Mapping[str, Any], task: Any = None):
+  """`cxr_jax.losses.classification_loss` in torch: BCE, W-CEL or focal over a weighted mask."""
+  logits = logits.float()
+  terms = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+  name = loss_config["name"]
+  if name == "wbce":
+    if loss_config["class_counts"] == "train":
+      pos, neg = (torch.tensor(c, dtype=torch.float32, device=logits.device)
+                  for c in (task.positives, task.negatives))
+    else:
+      pos, neg = (targets * mask).sum(0), ((1 - targets) * mask).sum(0)
+    total = pos + neg
+    w_pos = torch.where(pos > 0, total / pos.clamp(min=1.0), torch.ones_like(pos))
+    w_neg = torch.where(neg > 0, total / neg.clamp(min=1.0), torch.ones_like(neg))
+    terms = terms * (targets * w_pos + (1 - targets) * w_neg)
+  elif name == "focal":
+    p = torch.sigmoid(logits)
+    p_t = targets * p + (1 - targets) * (1 - p)
+    terms = terms * (1 - p_t) ** loss_config["focal_gamma"]
+    alpha = loss_config["focal_alpha"]
+    if alpha >= 0:
+      terms = terms * (targets * alpha + (1 - targets) * (1 - alpha))
+  elif name != "bce":
+    raise ValueError(f"no torch loss for config.loss.name={name!r}")
+  return _masked_mean(terms, mask)
+
+
+def baseline_loss(outputs, batch, *, task, config, weight):
+  """`cxr_jax.methods.baseline.loss` in torch, on a batch of tensors."""
+  targets, mask = batch[task.target], batch[task.mask_key]
+  value = classification_loss(outputs["logits"], targets, mask * weight[:, None], config["loss"],
+                              task)
+  return value, {"cls_loss": value}
 
 
 class Predictor(nn.Module):
-  """A model with its input preparation and sigmoid: (B, 1, H, W) pixel/255 -> probabilities (B, K).
+  """A method's mirror with its input preparation and score function: the deployable model.
 
-  `mean` and `std` hold one value per model input channel; broadcasting the one-channel image
-  against them is the channel replication of `cxr_jax.layers.normalize_images`, so a traced
-  Predictor is the whole deployable model (what `cxr_jax.export` writes as `model.pt`).
+  `forward(image, *inputs)` takes (B, 1, H, W) pixel/255 and then the method's extra inputs in
+  their declared order, and returns the method's scores (B, K). `mean` and `std` hold one value
+  per model input channel; broadcasting the one-channel image against them is the channel
+  replication of `cxr_jax.layers.normalize_images`, so a traced Predictor is the whole model
+  (what `cxr_jax.export` writes as `model.pt`).
   """
 
-  def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+  def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
+               scores: str = "sigmoid", inputs: Sequence[str] = ()):
     super().__init__()
     self.model = model
+    self.scores = scores
+    self.inputs = tuple(inputs)
     self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
     self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
 
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(self.model((x - self.mean) / self.std)["logits"])
+  def forward(self, x: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    outputs = self.model((x - self.mean) / self.std, **dict(zip(self.inputs, inputs)))
+    return SCORES[self.scores](outputs["logits"])

@@ -1,27 +1,137 @@
-"""Methods: one paper, one module. Each module exposes
+"""Methods: one paper, one module, one contract.
 
-  build(config, num_classes) -> Model     a linen module; Model(images, train=..., **inputs) -> dict
-                                          with at least `logits` (B, K) in float32
-  loss(outputs, batch, config) -> (scalar, dict of scalar metrics)
-  INPUTS: tuple of batch keys (besides `image`) that the model reads, e.g. ("anatomy",)
+Each method module defines `METHOD = Method(...)`. The trainer, evaluation, prediction, export and
+the benchmark know no method by name: they look it up with `get(config.model.name)` and speak to it
+only through these fields:
 
-The trainer finds a method by `config.model.name` and knows nothing else about it.
+  build(config, task) -> linen Module   `module(images, train=..., **inputs)` returns a dict with
+                                         `logits` (B, K) float32, optionally `cams` (B, h, w, K)
+                                         float32 class activation maps, and anything else under the
+                                         method's own names
+  loss(outputs, batch, *, task, config, weight) -> (scalar, {term name: scalar})
+                                         `weight` (B,) weighs each example (0 for padding) in
+                                         every term; the trainer logs every term
+  inputs      batch keys besides `image` the model reads (e.g. ("anatomy",)); the pipeline loads
+              them because the method names them, and a dataset without them is refused at start
+  scores      how logits become scores: a name in `SCORES` ("sigmoid", or "softmax" for MSML),
+              used alike by evaluation, prediction and the exported PyTorch model
+  backbones   ((top-level parameter subtree, dotted path of its backbone config), ...): the
+              backbones that take torchvision weights from `config.init_from`
+
+A method outside this package registers itself with `register(name, METHOD)`.
+The task (`Task`) is built once from the dataset manifest and the config: what is learned, the
+class names and their training-split counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
-from types import ModuleType
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+# Score functions by name, over the class axis; `cxr_jax.interop.torch_modules` mirrors each.
+SCORES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "sigmoid": jax.nn.sigmoid,
+    "softmax": lambda logits: jax.nn.softmax(logits, axis=-1),
+}
+# Target fields a task may learn, each with the batch key of its mask.
+TARGETS = {"labels": "label_mask", "fine_labels": "fine_label_mask"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a run learns, built once from the dataset manifest and the config.
+
+  Attributes:
+    target: the batch field learned: "labels" (findings) or "fine_labels" (`Finding|side|zone`).
+    class_names: names of the K outputs, in order.
+    positives, negatives: per-class counts on the training split after the uncertainty policy
+      (what the loss sees), or None when the dataset's manifest predates the counts.
+    label_names, fine_label_names, anatomy_names: the dataset's vocabularies.
+  """
+
+  target: str
+  class_names: tuple[str, ...]
+  positives: tuple[int, ...] | None = None
+  negatives: tuple[int, ...] | None = None
+  label_names: tuple[str, ...] = ()
+  fine_label_names: tuple[str, ...] = ()
+  anatomy_names: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.target not in TARGETS:
+      raise ValueError(f"task target {self.target!r}: choose from {list(TARGETS)}")
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def mask_key(self) -> str:
+    """The batch key of the target's mask (1 where a label counts)."""
+    return TARGETS[self.target]
+
+  def targets(self, batch: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(targets, mask) of the learned field in a batch, both (B, K)."""
+    return batch[self.target], batch[self.mask_key]
+
+  def counts(self) -> tuple[jax.Array, jax.Array]:
+    """Training-split (positives, negatives) per class as float32 arrays, for class weights."""
+    if self.positives is None or self.negatives is None:
+      raise ValueError("this method needs per-class training counts, which the dataset's "
+                       "cxr_manifest.json lacks: prepare the dataset again with data_prep")
+    return jnp.asarray(self.positives, jnp.float32), jnp.asarray(self.negatives, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A method's side of the contract (see the module docstring)."""
+
+  build: Callable[[Mapping[str, Any], Task], Any]
+  loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+  inputs: tuple[str, ...] = ()
+  scores: str = "sigmoid"
+  backbones: tuple[tuple[str, str], ...] = (("backbone", "model.backbone"),)
+
+  def __post_init__(self):
+    if self.scores not in SCORES:
+      raise ValueError(f"scores={self.scores!r}: choose from {list(SCORES)}")
+
+  def score(self, logits: jax.Array) -> jax.Array:
+    """Scores (probabilities) from logits, the way this method defines them."""
+    return SCORES[self.scores](logits)
+
+
+_REGISTERED: dict[str, Method] = {}
+
+
+def register(name: str, method: Method) -> None:
+  """Makes a method defined outside this package available as `config.model.name=name`."""
+  if name in _modules():
+    raise ValueError(f"{name!r} is already a method of cxr_jax.methods")
+  _REGISTERED[name] = method
+
+
+def _modules() -> list[str]:
+  return [m.name for m in pkgutil.iter_modules(__path__)]
 
 
 def available() -> list[str]:
-  """Names of the methods in this package."""
-  return sorted(m.name for m in pkgutil.iter_modules(__path__))
+  """Names of the methods: this package's modules and registered ones."""
+  return sorted(set(_modules()) | set(_REGISTERED))
 
 
-def get(name: str) -> ModuleType:
-  """The method module called `name`, with a clear error listing the available ones."""
-  if name not in available():
+def get(name: str) -> Method:
+  """The method called `name`, with a clear error listing the available ones."""
+  if name in _REGISTERED:
+    return _REGISTERED[name]
+  if name not in _modules():
     raise ValueError(f"config.model.name={name!r} is not a method; available: {available()}")
-  return importlib.import_module(f"{__name__}.{name}")
+  module = importlib.import_module(f"{__name__}.{name}")
+  if not isinstance(getattr(module, "METHOD", None), Method):
+    raise TypeError(f"cxr_jax.methods.{name} defines no METHOD = Method(...)")
+  return module.METHOD
