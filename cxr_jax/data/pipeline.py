@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import grain
 from absl import flags
 import numpy as np
 
 from cxr_jax.data import augment, labels as labels_lib, records, tfrecord
+
+
+# Batch fields a method may ask for besides the image (`cxr_jax.methods.Method.inputs`).
+INPUTS = ("anatomy", "boxes", "box_labels", "fine_labels", "fine_label_mask", "labels", "label_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,16 +48,26 @@ class ExampleSpec:
   augment: augment.AugmentParams | None = None  # None: evaluation (resize only)
 
 
-def make_spec(data_config: Mapping[str, Any], manifest: Mapping[str, Any], *, train: bool) -> ExampleSpec:
-  """Builds the example spec from `config.data` and a dataset manifest."""
+def make_spec(data_config: Mapping[str, Any], manifest: Mapping[str, Any], *, train: bool,
+              inputs: Sequence[str] = (), mask_uncertain: bool = False) -> ExampleSpec:
+  """Builds the example spec from `config.data`, a dataset manifest and a method's inputs.
+
+  `inputs` are the batch keys a method reads besides the image (e.g. "anatomy"): they are loaded
+  because the method names them. With `mask_uncertain`, every uncertain (-1) label is masked out
+  whatever the policy: evaluation counts only labels that are known to be 1 or 0.
+  """
+  unknown = sorted(set(inputs) - set(INPUTS))
+  if unknown:
+    raise ValueError(f"method inputs {unknown} are not fields the pipeline makes; it makes {INPUTS}")
   label_names = manifest["label_names"]
   policies = labels_lib.resolve_policies(
-      label_names, data_config["uncertainty"],
-      labels_lib.parse_policy_overrides(data_config["uncertainty_per_label"]))
+      label_names, "ignore" if mask_uncertain else data_config["uncertainty"],
+      {} if mask_uncertain else labels_lib.parse_policy_overrides(data_config["uncertainty_per_label"]))
   fine = manifest.get("fine_label_names") or []
   anatomy = manifest.get("anatomy_names") or []
-  if data_config["load_anatomy"] and not anatomy:
-    raise ValueError("config.data.load_anatomy is set but the dataset has no anatomy maps")
+  if "anatomy" in inputs and not anatomy:
+    raise ValueError(f"the method reads anatomy maps but {manifest.get('name', 'the dataset')} has "
+                     "none (no anatomy_names in its manifest)")
   params = augment.AugmentParams(**data_config["augment"]) if train else None
   return ExampleSpec(
       image_size=data_config["image_size"],
@@ -62,7 +76,7 @@ def make_spec(data_config: Mapping[str, Any], manifest: Mapping[str, Any], *, tr
       num_fine=len(fine),
       fine_mirror=tuple(int(i) for i in labels_lib.mirror_permutation(fine)) if fine else (),
       anatomy_mirror=(tuple(int(i) for i in labels_lib.mirror_permutation(anatomy))
-                      if data_config["load_anatomy"] else ()),
+                      if "anatomy" in inputs else ()),
       augment=params,
   )
 
@@ -96,7 +110,9 @@ def make_example(payload: bytes, spec: ExampleSpec, rng: np.random.Generator | N
              **_pad_boxes(boxes, box_labels, spec.max_boxes, ex.image_id),
              image_id=ex.image_id, patient_id=ex.patient_id)
   if spec.num_fine:
-    out["fine_labels"] = np.asarray(fine, np.float32)
+    # Fine labels have no uncertainty policy: -1, like NaN, is masked out.
+    out["fine_labels"], out["fine_label_mask"] = labels_lib.apply_policy(
+        fine, np.zeros(spec.num_fine, np.int64))
   if anatomy is not None:
     out["anatomy"] = anatomy
   return out
