@@ -4,8 +4,11 @@
       [--record_dir R] [--sigterm_after N --sigterm_process P]
 
 The trainer's own `main` runs with the trainer's flags; besides, each process
-  - writes R/process_<i>.json: the record numbers of its part of every training batch the trainer
-    took, in order (the evaluation batches are told apart by their `valid` field);
+  - writes R/process_<i>.json, record numbers by batch: under "taken", its part of every training
+    batch the trainer took, in order (the evaluation batches are told apart by their `valid`
+    field); under "stream", its part of every batch of the whole run (`config.train.steps`), read
+    once the trainer has stopped from the training dataset the trainer built, so that whole epochs
+    can be checked although the trainer stops early;
   - if it is process P, sends itself SIGTERM once the trainer has taken N training batches: a
     preemption notice that reaches one process only. JAX takes a few seconds to agree on a step
     with the other processes, so from then on every process slows down to 1 step per second,
@@ -21,7 +24,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cxr_jax import train
+from cxr_jax import experiment, train
 from cxr_jax.data import pipeline
 
 _RECORD_DIR = flags.DEFINE_string("record_dir", None, "Folder for each process's record numbers.")
@@ -29,6 +32,7 @@ _SIGTERM_AFTER = flags.DEFINE_integer("sigterm_after", 0, "Batches before the SI
 _SIGTERM_PROCESS = flags.DEFINE_integer("sigterm_process", 1, "The process that gets SIGTERM.")
 
 _batches: list[list[int]] = []
+_train_datasets: list = []  # what experiment.train_dataset returned to the trainer
 
 
 def record_numbers(batch) -> list[int]:
@@ -59,14 +63,27 @@ class _Recorded:
     self._iterator.close()
 
 
+def _kept(train_dataset):
+  """`experiment.train_dataset` that also keeps the dataset it makes."""
+
+  def make(*args, **kwargs):
+    _train_datasets.append(train_dataset(*args, **kwargs))
+    return _train_datasets[-1]
+
+  return make
+
+
 def main(argv):
   to_iterator = pipeline.to_iterator
   pipeline.to_iterator = lambda ds, **kwargs: _Recorded(to_iterator(ds, **kwargs))
+  experiment.train_dataset = _kept(experiment.train_dataset)
   train.main(argv)
   if _RECORD_DIR.value:
+    (stream,) = _train_datasets
+    whole_run = [record_numbers(stream[g]) for g in range(flags.FLAGS.config.train.steps)]
     os.makedirs(_RECORD_DIR.value, exist_ok=True)
     with open(os.path.join(_RECORD_DIR.value, f"process_{jax.process_index()}.json"), "w") as f:
-      json.dump(_batches, f)
+      json.dump(dict(taken=_batches, stream=whole_run), f)
 
 
 if __name__ == "__main__":
