@@ -69,10 +69,11 @@ class StopRequest:
 def stop_not_finite(what: str, step: int, ckpt: checkpoint.Checkpointer) -> None:
   """Stops the run, naming the last checkpoint saved (only finite states are ever saved)."""
   ckpt.wait()
-  raise FloatingPointError(
-      f"{what} at step {step}; stopping. The last good checkpoint is step "
-      f"{ckpt.latest_step()} in {ckpt.directory} (lower config.optim.lr, or set "
-      "config.optim.clip_norm, and resume)")
+  latest = ckpt.latest_step()
+  where = (f"The last good checkpoint is step {latest} in {ckpt.directory}" if latest else
+           f"no checkpoint was saved in {ckpt.directory} yet")
+  raise FloatingPointError(f"{what} at step {step}; stopping. {where} (lower config.optim.lr, or "
+                           "set config.optim.clip_norm, and resume)")
 
 
 def check_finite(scalars: dict[str, float], step: int, ckpt: checkpoint.Checkpointer) -> None:
@@ -210,11 +211,11 @@ def check_stream(position: dict[str, Any], config, manifest: dict[str, Any]) -> 
 
 
 def log_train(log, progress, step, train_metrics, schedule, ckpt) -> dict[str, float]:
-  """Fetches the step's metrics, stops on a bad loss or state, and writes the log and progress."""
+  """Fetches the step's metrics, writes the log, stops on a bad loss or state, prints progress."""
   scalars = fetch(train_metrics)
-  check_finite(scalars, step, ckpt)
   scalars.update(progress.update(step), lr=learning_rate(schedule, step))
-  log.write(step, "train", scalars)
+  log.write(step, "train", scalars)  # first: the log keeps the step that went wrong
+  check_finite(scalars, step, ckpt)
   logging.info(progress.line(step, scalars["loss"], scalars["lr"], scalars))
   return scalars
 

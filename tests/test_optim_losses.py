@@ -1,12 +1,13 @@
 """Losses against direct formulas, and optimizers against PyTorch's own on the same gradients."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from configs import common
-from cxr_jax import losses, optim
+from cxr_jax import losses, methods, optim, train
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(size=(6, 3)).astype(np.float32) * 3
@@ -44,12 +45,26 @@ def test_focal_is_bce_at_gamma_zero_and_down_weights_easy_examples():
 
 
 def test_classification_loss_masks_padding_and_rejects_unknown_names():
-  batch = dict(labels=TARGETS, label_mask=MASK, valid=np.array([1, 1, 1, 1, 1, 0], np.float32))
-  cfg = dict(name="bce", focal_gamma=2.0, focal_alpha=-1.0)
-  np.testing.assert_allclose(losses.classification_loss(jnp.asarray(LOGITS), batch, cfg),
-                             losses.bce(LOGITS[:5], TARGETS[:5], MASK[:5]), rtol=1e-6)
+  weight = np.array([1, 1, 1, 1, 1, 0], np.float32)
+  cfg = dict(name="bce", focal_gamma=2.0, focal_alpha=-1.0, class_counts="batch")
+  np.testing.assert_allclose(
+      losses.classification_loss(jnp.asarray(LOGITS), TARGETS, MASK * weight[:, None], cfg),
+      losses.bce(LOGITS[:5], TARGETS[:5], MASK[:5]), rtol=1e-6)
   with pytest.raises(ValueError, match="choose from"):
-    losses.classification_loss(jnp.asarray(LOGITS), batch, dict(cfg, name="mse"))
+    losses.classification_loss(jnp.asarray(LOGITS), TARGETS, MASK, dict(cfg, name="mse"))
+
+
+def test_wcel_weights_from_training_counts():
+  """W-CEL with the task's training-split counts instead of the batch's."""
+  task = methods.Task(target="labels", class_names=("a", "b", "c"), positives=(1, 3, 2),
+                      negatives=(9, 1, 2))
+  cfg = dict(name="wbce", focal_gamma=2.0, focal_alpha=-1.0, class_counts="train")
+  pos, neg = np.array([1.0, 3, 2]), np.array([9.0, 1, 2])
+  weights = TARGETS * (pos + neg) / pos + (1 - TARGETS) * (pos + neg) / neg
+  expected = np.sum(weights * reference_bce(LOGITS, TARGETS) * MASK) / MASK.sum()
+  np.testing.assert_allclose(
+      losses.classification_loss(jnp.asarray(LOGITS), TARGETS, MASK, cfg, task), expected,
+      rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, torch_cls, torch_kwargs", [
@@ -74,7 +89,7 @@ def test_optimizers_follow_pytorch(name, torch_cls, torch_kwargs):
   np.testing.assert_allclose(params["head"]["w"], weight.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_schedules_and_backbone_learning_rate():
+def test_schedules():
   cfg = common.get_config().optim
   cfg.update(lr=1.0, schedule="cosine", warmup_steps=10, final_lr_fraction=0.0)
   schedule = optim.make_schedule(cfg, 110, cfg.lr)
@@ -84,13 +99,51 @@ def test_schedules_and_backbone_learning_rate():
   schedule = optim.make_schedule(cfg, 100, cfg.lr)
   np.testing.assert_allclose([schedule(19), schedule(20), schedule(40)], [1.0, 0.1, 0.01], rtol=1e-6)
 
-  cfg.update(name="sgd", schedule="constant", momentum=0.0, backbone_lr_mult=0.1, clip_norm=0.0)
+
+
+def test_parameter_groups_scale_lr_and_weight_decay_and_freeze_by_regex():
+  """big_vision-style groups: the first matching pattern sets a leaf's multipliers; frozen leaves
+  never move and keep no optimizer state."""
+  cfg = common.get_config().optim
+  cfg.update(name="sgd", lr=1.0, schedule="constant", momentum=0.0, weight_decay=0.5,
+             lr_mults=(("^backbone/", 0.1), ("^branch/", 0.5)),
+             wd_mults=((r"/bias$", 0.0),), frozen="^frozen/")
+  params = {"backbone": {"kernel": jnp.ones(2), "bias": jnp.ones(2)},
+            "branch": {"kernel": jnp.ones(2)}, "head": {"kernel": jnp.ones(2)},
+            "frozen": {"kernel": jnp.ones(2)}}
+  groups = optim.describe_groups(params, cfg)
+  assert groups["backbone/kernel"] == "lr x0.1, wd x1" and groups["backbone/bias"] == "lr x0.1, wd x0"
+  assert groups["branch/kernel"] == "lr x0.5, wd x1" and groups["head/kernel"] == "lr x1, wd x1"
+  assert groups["frozen/kernel"] == "frozen"
   tx, _ = optim.make_optimizer(cfg, 100)
-  params = {"backbone": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
-  grads = {"backbone": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+  grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(updates["head"]["w"], [-1.0, -1.0])
-  np.testing.assert_allclose(updates["backbone"]["w"], [-0.1, -0.1], rtol=1e-6)
+  # SGD with coupled L2: update = -lr x (grad + wd x param) = -lr x (1 + 0.5 wd_mult).
+  np.testing.assert_allclose(updates["backbone"]["kernel"], [-0.15, -0.15], rtol=1e-6)
+  np.testing.assert_allclose(updates["backbone"]["bias"], [-0.1, -0.1], rtol=1e-6)
+  np.testing.assert_allclose(updates["branch"]["kernel"], [-0.75, -0.75], rtol=1e-6)
+  np.testing.assert_allclose(updates["head"]["kernel"], [-1.5, -1.5], rtol=1e-6)
+  np.testing.assert_array_equal(updates["frozen"]["kernel"], [0.0, 0.0])
+
+
+def test_bad_group_rules_are_config_errors():
+  cfg = common.get_config().optim
+  cfg.update(lr_mults=(("([", 0.1),), wd_mults=(("x",),), frozen="*")
+  problems = " ".join(optim.check_groups(cfg))
+  assert "optim.lr_mults" in problems and "optim.wd_mults" in problems and "optim.frozen" in problems
+
+
+def test_logged_learning_rate_is_the_one_the_step_applied():
+  """Fault 7: step s (1-based) applies schedule(s - 1), optax counting updates from 0."""
+  cfg = common.get_config().optim
+  cfg.update(name="sgd", lr=1.0, momentum=0.0, schedule="cosine", warmup_steps=4)
+  tx, schedule = optim.make_optimizer(cfg, 20)
+  params = {"head": {"w": jnp.zeros(1)}}
+  state = tx.init(params)
+  for step in range(1, 7):
+    updates, state = tx.update({"head": {"w": jnp.ones(1)}}, state, params)
+    applied = -float(updates["head"]["w"][0])
+    assert applied == pytest.approx(train.learning_rate(schedule, step), abs=1e-7), step
 
 
 def test_gradients_are_clipped_to_the_global_norm():

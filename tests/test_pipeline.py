@@ -13,7 +13,7 @@ NO_AUGMENT = dict(rotate_deg=0.0, scale=(1.0, 1.0), translate=0.0, brightness=0.
 
 
 def data_config(**changes):
-  config = dict(image_size=32, uncertainty="ignore", uncertainty_per_label="", load_anatomy=True,
+  config = dict(image_size=32, uncertainty="ignore", uncertainty_per_label="",
                 max_boxes=4, augment=dict(NO_AUGMENT))
   config.update(changes)
   return config
@@ -25,7 +25,8 @@ def dataset(tmp_path_factory):
 
 
 def spec(dataset, train=True, **changes):
-  return pipeline.make_spec(data_config(**changes), writer.load_manifest(dataset), train=train)
+  return pipeline.make_spec(data_config(**changes), writer.load_manifest(dataset), train=train,
+                            inputs=("anatomy",))
 
 
 def train_ids(dataset, *, seed, steps, global_batch=8, process_index=0, process_count=1):

@@ -16,7 +16,7 @@ import pytest
 import datasets
 from cxr_jax import checkpoint, experiment, parallel, steps, train
 from cxr_jax.data import pipeline, writer
-from cxr_jax.interop import convert
+from cxr_jax.interop import convert, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,15 +39,15 @@ def test_eight_devices_match_one(data_dir):
   config = datasets.tiny_config(data_dir)
   config.optim.update(name="sgd", lr=0.01)
   manifest = writer.load_manifest(data_dir)
-  ds = experiment.train_dataset(config, manifest)
-  batches = [pipeline.host_fields(ds[i])[0] for i in range(3)]
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.make_mesh(devices)
     run = experiment.assemble(config, manifest)
     run.mesh = mesh
+    ds = experiment.train_dataset(config, manifest, run.method)
+    batches = [pipeline.host_fields(ds[i])[0] for i in range(3)]
     state = steps.create_state(run.model, run.tx, config, mesh, batches[0], run.method)
-    step = steps.make_train_step(run.model, run.tx, run.method, config, mesh)
+    step = steps.make_train_step(run.model, run.tx, run.method, run.task, config, mesh)
     for batch in batches:
       state, _ = step(state, parallel.to_global(batch, mesh))
     assert len(state.params["head"]["kernel"].sharding.device_set) == len(devices)
@@ -100,6 +100,76 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   assert all(np.isfinite(losses[s]) for s in losses if s <= ckpt.latest_step())
 
 
+def test_update_that_breaks_the_weights_is_never_saved(data_dir, tmp_path):
+  """Fault 1: a finite loss whose update makes the parameters infinite stops the run at that
+  step; that state is not saved as a good checkpoint."""
+  config = datasets.tiny_config(data_dir, steps=4, eval_every=0)
+  config.optim.update(name="sgd", lr=float("inf"), momentum=0.0)
+  config.checkpoint.every = 1
+  with pytest.raises(FloatingPointError, match=r"parameters or BatchNorm statistics are not finite "
+                     r"at step 1.*no checkpoint was saved"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert losses_by_step(tmp_path) and np.isfinite(losses_by_step(tmp_path)[1])
+  assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).latest_step() is None
+
+
+@pytest.mark.parametrize("field", ["checkpoint.every", "train.log_every"])
+def test_zero_periods_are_config_errors(data_dir, field):
+  """Fault 2: a zero period is refused at start, not a ZeroDivisionError mid-run."""
+  config = datasets.tiny_config(data_dir)
+  section, name = field.split(".")
+  config[section][name] = 0
+  with pytest.raises(ValueError, match=rf"config\.{field}=0: must be > 0"):
+    train.train_and_evaluate(config, "unused")
+
+
+def test_negative_eval_period_is_a_config_error(data_dir):
+  config = datasets.tiny_config(data_dir, eval_every=-1)
+  with pytest.raises(ValueError, match=r"config\.train\.eval_every=-1: must be >= 0"):
+    train.train_and_evaluate(config, "unused")
+
+
+@pytest.mark.parametrize("change", ["other_data", "image_size", "moved"])
+def test_resume_refuses_changed_data(data_dir, tmp_path, change):
+  """Fault 3: a run resumes only on the data stream it checkpointed."""
+  config = datasets.tiny_config(data_dir, steps=3, eval_every=0)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.train.steps = 6
+  if change == "other_data":  # same layout and size, other records
+    other = datasets.write(tmp_path / "other", {"train": 40, "val": 8, "test": 8})
+    config.data.dir = other
+    expected = "data_fingerprint"
+  elif change == "image_size":
+    config.data.image_size = 16
+    expected = "image_size"
+  else:
+    moved = tmp_path / "moved"
+    os.symlink(data_dir, moved)
+    config.data.dir = str(moved)
+    expected = "data_dir"
+  with pytest.raises(ValueError, match=rf"cannot resume: .*{expected}: saved"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_resume_does_not_need_the_init_from_file(data_dir, tmp_path):
+  """Fault 4: a resumed run restores onto the abstract state; the pretrained file may be gone."""
+  config = datasets.tiny_config(data_dir, steps=3, eval_every=0)
+  manifest = writer.load_manifest(data_dir)
+  run = experiment.assemble(config, manifest)
+  example = experiment.example_batch(experiment.train_dataset(config, manifest, run.method))
+  donor = steps.init_variables(run.model, config, jax.random.PRNGKey(7), example, run.method)
+  weights = tmp_path / "donor.safetensors"
+  convert.state_dict_to_safetensors(convert.to_state_dict(donor, registry.torch_names(config)),
+                                    str(weights))
+  config.init_from = str(weights)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  os.remove(weights)
+  config.train.steps = 5
+  last = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert last["train"]["loss"] > 0
+  assert max(losses_by_step(tmp_path / "run")) == 5
+
+
 def test_config_typo_stops_at_start(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "cxr_jax.train", "--config", "configs/phantom.py",
@@ -131,7 +201,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, keep_best=1)
   for step, auc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7)]:
     ckpt.save(step, {"w": jnp.full(3, float(step))}, {"next_batch": step},
-              metrics={checkpoint.BEST_METRIC: auc})
+              metrics={"val/mean_auc": auc})
   ckpt.wait()
   assert sorted(ckpt.manager.all_steps()) == [2, 3, 4]
   assert ckpt.resolve("best") == 2 and ckpt.resolve("latest") == 4
@@ -141,14 +211,34 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     ckpt.resolve(1)
 
 
+def test_best_checkpoint_by_a_configured_metric_and_mode(tmp_path):
+  """The best checkpoint is ranked by any validation metric, lower-is-better when asked."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, keep_best=1, best_metric="val/loss",
+                                 best_mode="min")
+  for step, loss in [(1, 0.5), (2, 0.2), (3, 0.6), (4, 0.7)]:
+    ckpt.save(step, {"w": jnp.full(3, float(step))}, {"next_batch": step},
+              metrics={"val/loss": loss})
+  ckpt.wait()
+  assert sorted(ckpt.manager.all_steps()) == [2, 4]
+  assert ckpt.resolve("best") == 2
+
+
+def test_unknown_best_metric_is_named(data_dir, tmp_path):
+  config = datasets.tiny_config(data_dir, steps=3, eval_every=3)
+  config.checkpoint.best_metric = "val/loc/ham/mean_tiou"  # no cams evaluator on val: not there
+  with pytest.raises(ValueError, match=r"best_metric='val/loc/ham/mean_tiou' is not a validation "
+                     r"metric.*val/mean_auc"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 def test_init_from_fills_the_backbone_and_keeps_a_fresh_head(data_dir, tmp_path):
   config = datasets.tiny_config(data_dir)
   manifest = writer.load_manifest(data_dir)
   run = experiment.assemble(config, manifest)
-  example = experiment.example_batch(experiment.train_dataset(config, manifest))
+  example = experiment.example_batch(experiment.train_dataset(config, manifest, run.method))
   donor = steps.init_variables(run.model, config, jax.random.PRNGKey(7), example, run.method)
   weights = tmp_path / "donor.safetensors"
-  convert.state_dict_to_safetensors(convert.to_state_dict(donor, convert.torch_names(config)),
+  convert.state_dict_to_safetensors(convert.to_state_dict(donor, registry.torch_names(config)),
                                     str(weights))
   config.init_from = str(weights)
   state = experiment.initial_state(run, example)
