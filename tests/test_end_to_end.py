@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from cxr_jax import config_utils, evaluate, metrics, train
+from cxr_jax import config_utils, evaluate, train
+from cxr_jax.metrics import classification, localization
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True))
@@ -38,11 +39,17 @@ def test_phantom_smoke_trains_and_evaluates(tmp_path, monkeypatch):
   assert config.data.dir.startswith(str(tmp_path / "cache"))
   workdir = str(tmp_path / "run")
   last = train.train_and_evaluate(config, workdir)
-  assert last["train"]["loss"] > 0 and "val_loss" in last["val"]
-  report = evaluate.evaluate(workdir, "test", "best", n_boot=50)
+  assert last["train"]["loss"] > 0 and {"loss", "cls_loss", "mean_auc"} <= set(last["val"])
+  result = evaluate.evaluate(workdir, "test", "best", n_boot=50, heatmaps=2)
+  report = result["classification"]
 
   assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "eval_test.json",
+                                         "heatmaps_test", "localization_test.json",
                                          "metrics.jsonl", "predictions_test.csv", "tensorboard"]
+  assert len(os.listdir(os.path.join(workdir, "heatmaps_test"))) == 2
+  located = json.load(open(os.path.join(workdir, "localization_test.json")))
+  assert located["ham_localization"]["n_pairs"] > 0 and located["wang_localization"]["n_boxes"] > 0
+  assert "Nodule" in localization.format_table(located["ham_localization"])
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert json.load(open(os.path.join(workdir, "config.json")))["data"]["dir"] == config.data.dir
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -54,7 +61,7 @@ def test_phantom_smoke_trains_and_evaluates(tmp_path, monkeypatch):
     rows = list(csv.reader(f))
   assert rows[0][0] == "Image Index" and len(rows) - 1 == saved["n_examples"]
   assert all(0 <= float(p) <= 1 for row in rows[1:] for p in row[1:])
-  table = metrics.format_table(report)
+  table = classification.format_table(report)
   assert "Hernia" in table and "mean" in table
   # The phantom's NIH-layout folder is kept beside the shards, with the original PNGs.
   assert os.path.exists(os.path.join(config.data.dir + "-nih", "Data_Entry_2017_v2020.csv"))
