@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from configs import common
 from cxr_jax import backbones, methods
-from cxr_jax.interop import convert
+from cxr_jax.interop import convert, registry
 from cxr_jax.interop import torch_modules
 from parity import assert_close_to_scale
 
@@ -90,8 +90,17 @@ def experiment(backbone: dict, channels: int = 3):
   return config
 
 
-def flax_model(config):
-  return methods.get(config.model.name).build(config, NUM_CLASSES)
+def task(num_classes: int = NUM_CLASSES) -> methods.Task:
+  """A finding-label task with `num_classes` outputs."""
+  return methods.Task(target="labels", class_names=tuple(f"class{i}" for i in range(num_classes)))
+
+
+def flax_model(config, num_classes: int = NUM_CLASSES):
+  return methods.get(config.model.name).build(config, task(num_classes))
+
+
+def mirror_model(config, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
+  return registry.build_mirror(config, task(num_classes))
 
 
 def abstract_variables(model, channels=3):
@@ -120,17 +129,23 @@ def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def named_outputs(out, layout: str) -> dict[str, np.ndarray]:
-  """A model's stage maps (as NCHW), plus logits and pooled features when it has them."""
-  stages = out.get("features", out)
-  named = {k: np.asarray(v).transpose(0, 3, 1, 2) if layout == "NHWC" else np.asarray(v)
+  """Every output of a model by name: a backbone's stage maps, or a method's outputs with its
+  stage maps as `features/C2`...; stage maps as NCHW. Every other output (logits, cams, pooled,
+  ...) is as returned: the mirrors return them in flax's layout (cams NHWC)."""
+  stages, rest = (out["features"], {k: v for k, v in out.items() if k != "features"}) if (
+      "features" in out) else (out, {})
+  prefix = "features/" if "features" in out else ""
+  named = {prefix + k: np.asarray(v).transpose(0, 3, 1, 2) if layout == "NHWC" else np.asarray(v)
            for k, v in stages.items()}
-  named.update({k: np.asarray(out[k]) for k in ("logits", "pooled") if k in out})
+  named.update({k: np.asarray(v) for k, v in rest.items()})
   return named
 
 
-def assert_torch_matches_flax(model, variables, mirror, channels, *, rel: float) -> None:
-  """The torch mirror gives every output of the flax model (each stage map, logits, pooled
-  features) on the formula input, within `rel` of that output's largest value."""
+def assert_torch_matches_flax(model, variables, mirror, channels, *, rel) -> None:
+  """The torch mirror gives every output of the flax model (each stage map and every other
+  output, e.g. logits, cams, pooled features) on the formula input, each within its `rel` of that
+  output's largest value. `rel`: one bound for all, or {output name: bound} naming every output
+  (`features` for all stage maps)."""
   x = formula_images(channels)
   flax_out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1))
   with torch.no_grad():
@@ -138,16 +153,25 @@ def assert_torch_matches_flax(model, variables, mirror, channels, *, rel: float)
   flax_named, torch_named = named_outputs(flax_out, "NHWC"), named_outputs(torch_out, "NCHW")
   assert flax_named.keys() == torch_named.keys()
   for name, want in flax_named.items():
-    assert_close_to_scale(torch_named[name], want, rel=rel, name=name)
+    bound = rel[name.split("/")[0]] if isinstance(rel, dict) else rel
+    assert_close_to_scale(torch_named[name], want, rel=bound, name=name)
 
 
 # ---------------------------------------------------------------- torchvision as the reference
 
 
 # Largest |float32 - float64 reference| allowed, relative to the largest |reference| of logits and
-# pooled features; measured (flax, torch mirror): densenet121 7.3e-7, 9.0e-7 of 1.1 and 4.1;
-# resnet50 4.9e-7, 5.4e-7 of 556 and 913.
+# pooled features (and of the logits for the spatial mean of the CAMs, which is the logits);
+# measured (flax, torch mirror): densenet121 7.3e-7, 9.0e-7 of 1.1 and 4.1 (CAM mean 5.1e-7,
+# 4.8e-7); resnet50 4.9e-7, 5.4e-7 of 556 and 913 (CAM mean 3.9e-7, 3.0e-7).
 REFERENCE_REL = {"densenet121": 5e-6, "resnet50": 3e-6}
+# Largest |torch mirror - flax| allowed at full size on the torchvision weights, per output as
+# in `assert_torch_matches_flax`; measured: densenet121 stage maps 8.1e-7 (worst), cams 6.8e-7,
+# logits 8.5e-7, pooled 2.9e-7; resnet50 stage maps 9.1e-7, cams 8.3e-7, logits 6.3e-7, pooled 4.0e-7.
+FULL_SIZE_PARITY = {
+    "densenet121": {"features": 4e-6, "cams": 4e-6, "logits": 5e-6, "pooled": 2e-6},
+    "resnet50": {"features": 5e-6, "cams": 5e-6, "logits": 4e-6, "pooled": 2e-6},
+}
 
 
 @pytest.fixture(scope="module", params=sorted(REFERENCE_REL))
@@ -159,31 +183,59 @@ def reference(request):
   config = experiment({"name": request.param})
   state_dict = torch_formula_state_dict(ref["state_dict_keys"])
   model = flax_model(config)
-  variables = convert.from_state_dict(state_dict, abstract_variables(model), convert.torch_names(config))
+  variables = convert.from_state_dict(state_dict, abstract_variables(model), registry.torch_names(config))
   return ref, config, state_dict, model, variables, REFERENCE_REL[request.param]
 
 
-def test_flax_model_reproduces_torchvision_logits(reference):
-  ref, _, _, model, variables, rel = reference
-  x = formula_images().transpose(0, 2, 3, 1)
-  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-  for key, want in (("logits", ref["logits_float64"]), ("pooled", ref["pooled_features_float64"])):
-    assert_close_to_scale(out[key], want, rel=rel, name=f"flax {key}")
-
-
-def test_torch_mirror_reproduces_torchvision_logits(reference):
-  ref, config, state_dict, _, _, rel = reference
-  mirror = torch_modules.build(config, NUM_CLASSES).eval()
+@pytest.fixture(scope="module")
+def reference_outputs(reference):
+  """{"flax": outputs, "torch": outputs} of the flax model and the torch mirror (torchvision's
+  formula weights, loaded strictly) on the formula input, as numpy; computed once per model."""
+  _, config, state_dict, model, variables, _ = reference
+  x = formula_images()
+  flax_out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1))
+  mirror = mirror_model(config).eval()
   mirror.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
   with torch.no_grad():
-    out = mirror(torch.from_numpy(formula_images()))
-  assert_close_to_scale(out["logits"].numpy(), ref["logits_float64"], rel=rel, name="torch logits")
-  assert_close_to_scale(out["pooled"].numpy(), ref["pooled_features_float64"], rel=rel, name="torch pooled")
+    torch_out = mirror(torch.from_numpy(x))
+  return {"flax": jax.tree.map(np.asarray, flax_out), "torch": jax.tree.map(np.asarray, torch_out)}
+
+
+def assert_reproduces_torchvision(out, ref, rel, framework):
+  """Logits and pooled features as torchvision's float64 reference, and CAMs whose spatial mean is
+  the reference logits (the head applied at every C5 position, averaged)."""
+  assert out["cams"].shape == (2, 2, 2, NUM_CLASSES) and out["cams"].dtype == np.float32
+  for key, actual, want in (("logits", out["logits"], ref["logits_float64"]),
+                            ("pooled", out["pooled"], ref["pooled_features_float64"]),
+                            ("cams spatial mean", out["cams"].astype(np.float64).mean(axis=(1, 2)),
+                             ref["logits_float64"])):
+    assert_close_to_scale(actual, want, rel=rel, name=f"{framework} {key}")
+
+
+def test_flax_model_reproduces_torchvision_logits(reference, reference_outputs):
+  ref, _, _, _, _, rel = reference
+  assert_reproduces_torchvision(reference_outputs["flax"], ref, rel, "flax")
+
+
+def test_torch_mirror_reproduces_torchvision_logits(reference, reference_outputs):
+  ref, _, _, _, _, rel = reference
+  assert_reproduces_torchvision(reference_outputs["torch"], ref, rel, "torch")
+
+
+def test_torch_mirror_matches_flax_on_every_output_at_full_size(reference, reference_outputs):
+  _, config, _, _, _, _ = reference
+  flax_named = named_outputs(reference_outputs["flax"], "NHWC")
+  torch_named = named_outputs(reference_outputs["torch"], "NCHW")
+  assert flax_named.keys() == torch_named.keys() == {
+      "logits", "cams", "pooled", "features/C2", "features/C3", "features/C4", "features/C5"}
+  bounds = FULL_SIZE_PARITY[config.model.backbone.name]
+  for name, want in flax_named.items():
+    assert_close_to_scale(torch_named[name], want, rel=bounds[name.split("/")[0]], name=name)
 
 
 def test_exported_baseline_has_exactly_torchvisions_keys(reference):
   ref, config, state_dict, _, variables, _ = reference
-  exported = convert.to_state_dict(variables, convert.torch_names(config))
+  exported = convert.to_state_dict(variables, registry.torch_names(config))
   assert {k: (list(v.shape), str(v.dtype)) for k, v in exported.items()} == {
       k: (shape, dtype) for k, shape, dtype in ref["state_dict_keys"]}
   assert len(exported) == len(ref["state_dict_keys"])
@@ -236,24 +288,79 @@ def test_flax_backbone_exported_to_torch_matches(backbone, channels, rel):
   assert_torch_matches_flax(model, variables, mirror, channels, rel=rel)
 
 
-@pytest.mark.parametrize("method, backbone, channels, rel", [  # rel as in PARITY; measured in the comment
-    ("baseline", TINY_DENSENET, 1, 3e-6),  # 5.2e-7 (logits)
-    ("baseline", {"name": "resnet50", "stage_sizes": (1, 1, 1, 1)}, 3, 4e-6),  # 7.1e-7 (logits)
-])
+# rel as in PARITY, one per output (`features`: the worst stage map); measured in the comment.
+METHOD_PARITY = [
+    # features 4.1e-7, cams 3.4e-7, logits 5.2e-7, pooled 2.7e-7
+    pytest.param("baseline", TINY_DENSENET, 1,
+                 {"features": 2e-6, "cams": 2e-6, "logits": 3e-6, "pooled": 2e-6},
+                 id="baseline-tiny-densenet121-1ch"),
+    # features 6.3e-7, cams 7.4e-7, logits 7.1e-7, pooled 4.0e-7
+    pytest.param("baseline", {"name": "resnet50", "stage_sizes": (1, 1, 1, 1)}, 3,
+                 {"features": 4e-6, "cams": 4e-6, "logits": 4e-6, "pooled": 2e-6},
+                 id="baseline-resnet50-1-1-1-1-3ch"),
+]
+
+
+@pytest.mark.parametrize("method, backbone, channels, rel", METHOD_PARITY)
 def test_flax_method_exported_to_torch_matches(method, backbone, channels, rel, tmp_path):
   config = experiment(backbone, channels)
   config.model.name = method
   model = flax_model(config)
   variables = flax_formula_variables(abstract_variables(model, channels))
   path = tmp_path / "model.safetensors"
-  convert.state_dict_to_safetensors(convert.to_state_dict(variables, convert.torch_names(config)), path)
-  mirror = torch_modules.build(config, NUM_CLASSES)
+  convert.state_dict_to_safetensors(convert.to_state_dict(variables, registry.torch_names(config)), path)
+  mirror = mirror_model(config)
   mirror.load_state_dict(safetensors.torch.load_file(path), strict=True)
   assert_torch_matches_flax(model, variables, mirror, channels, rel=rel)
 
 
-def test_every_method_has_torch_names_and_a_mirror():
-  assert set(methods.available()) <= set(convert.METHOD_NAMES) & set(torch_modules.MIRRORS)
+def test_every_method_has_torch_names_a_mirror_and_a_loss():
+  assert set(methods.available()) <= set(registry.SPECS)
+  for name in methods.available():
+    config = experiment(TINY_DENSENET)
+    config.model.name = name
+    names = registry.torch_names(config)
+    assert isinstance(names, convert.TorchNames), name
+    mirror = mirror_model(config)
+    assert isinstance(mirror, torch.nn.Module), name
+    # The mirror's state_dict is what the names make of the flax model's variables.
+    variables = zeros_like_abstract(abstract_variables(flax_model(config)))
+    assert sorted(convert.to_state_dict(variables, names)) == sorted(mirror.state_dict()), name
+    assert callable(registry.torch_loss(config)), name
+
+
+@pytest.mark.parametrize("loss", [
+    pytest.param({"name": "bce"}, id="bce"),
+    pytest.param({"name": "wbce", "class_counts": "batch"}, id="wbce-batch"),
+    pytest.param({"name": "wbce", "class_counts": "train"}, id="wbce-train"),
+    pytest.param({"name": "focal", "focal_gamma": 2.0, "focal_alpha": -1.0}, id="focal"),
+    pytest.param({"name": "focal", "focal_gamma": 1.5, "focal_alpha": 0.25}, id="focal-alpha"),
+])
+def test_torch_loss_matches_the_flax_loss(loss):
+  """Each method's torch loss (what the benchmark times) is its flax loss: terms and total."""
+  rng = np.random.default_rng(0)
+  batch_size, k = 6, 5
+  logits = rng.normal(scale=2.0, size=(batch_size, k)).astype(np.float32)
+  batch = {"labels": (rng.random((batch_size, k)) < 0.4).astype(np.float32),
+           "label_mask": (rng.random((batch_size, k)) < 0.8).astype(np.float32)}
+  weight = np.array([1, 1, 1, 1, 0, 0], np.float32)  # two padding examples
+  counted = methods.Task(target="labels", class_names=tuple(f"class{i}" for i in range(k)),
+                         positives=(3, 0, 10, 7, 1), negatives=(20, 9, 0, 7, 4))
+  for name in methods.available():
+    config = experiment(TINY_DENSENET)
+    config.model.name = name
+    config.loss.update(loss)
+    method = methods.get(name)
+    want_total, want_terms = method.loss({"logits": jnp.asarray(logits)}, jax.tree.map(jnp.asarray, batch),
+                                         task=counted, config=config, weight=jnp.asarray(weight))
+    total, terms = registry.torch_loss(config)(
+        {"logits": torch.from_numpy(logits)}, {k: torch.from_numpy(v) for k, v in batch.items()},
+        task=counted, config=config, weight=torch.from_numpy(weight))
+    assert terms.keys() == want_terms.keys(), name
+    for term, value in dict(terms, total=total).items():
+      want = dict(want_terms, total=want_total)[term]
+      # measured: at most 1.2e-7 (float32 rounding; 0 for wbce-train)
+      assert_close_to_scale(value.numpy(), np.asarray(want), rel=1e-6, name=f"{name} {term}")
 
 
 class _FlatteningHead(nn.Module):
@@ -309,7 +416,7 @@ def legacy_densenet_names(state_dict):
 @pytest.mark.parametrize("name", ["densenet121", "resnet50"])
 def test_load_pretrained_imagenet_pth_fills_the_backbone_only(name, tmp_path):
   config = experiment({"name": name})
-  imagenet = randomize_batch_norm(torch_modules.build(config, 1000))
+  imagenet = randomize_batch_norm(mirror_model(config, 1000))
   published = imagenet.state_dict()
   if name.startswith("densenet"):
     published = legacy_densenet_names(published)
@@ -317,12 +424,12 @@ def test_load_pretrained_imagenet_pth_fills_the_backbone_only(name, tmp_path):
   torch.save(published, tmp_path / f"{name}.pth")
   abstract = abstract_variables(flax_model(config))
   fresh = jax.tree.map(lambda s: np.full(s.shape, 7, s.dtype), abstract)
-  variables, report = convert.load_pretrained(tmp_path / f"{name}.pth", fresh, config)
+  variables, report = convert.load_pretrained(tmp_path / f"{name}.pth", fresh, config.model.backbone)
 
   head = "classifier" if name.startswith("densenet") else "fc"
   backbone_only = {k: v for k, v in numpy_state_dict(imagenet).items() if not k.startswith(head + ".")}
   backbone_abstract = {c: {"backbone": abstract[c]["backbone"]} for c in abstract}
-  expected = convert.from_state_dict(backbone_only, backbone_abstract, convert.torch_names(config))
+  expected = convert.from_state_dict(backbone_only, backbone_abstract, registry.torch_names(config))
   for collection in ("params", "batch_stats"):
     jax.tree.map(np.testing.assert_array_equal, variables[collection]["backbone"],
                  expected[collection]["backbone"])
@@ -340,7 +447,7 @@ def test_load_pretrained_one_channel_stem_sums_rgb(tmp_path):
   np.savez(tmp_path / "rgb.npz", **rgb)
   config = experiment(TINY_DENSENET, channels=1)
   fresh = zeros_like_abstract(abstract_variables(flax_model(config), channels=1))
-  variables, report = convert.load_pretrained(tmp_path / "rgb.npz", fresh, config)
+  variables, report = convert.load_pretrained(tmp_path / "rgb.npz", fresh, config.model.backbone)
   gray = rgb["features.conv0.weight"].sum(axis=1, keepdims=True)
   np.testing.assert_allclose(variables["params"]["backbone"]["conv0"]["kernel"], gray.transpose(2, 3, 1, 0),
                              rtol=1e-6)
@@ -353,7 +460,28 @@ def test_load_pretrained_rejects_another_architecture(tmp_path):
   config = experiment(TINY_DENSENET)
   fresh = zeros_like_abstract(abstract_variables(flax_model(config)))
   with pytest.raises(ValueError, match=r"does not fit backbone: .*missing keys \(\d+\):\n  features.conv0.w"):
-    convert.load_pretrained(tmp_path / "resnet.safetensors", fresh, config)
+    convert.load_pretrained(tmp_path / "resnet.safetensors", fresh, config.model.backbone)
+
+
+def test_load_pretrained_fills_a_backbone_under_any_scope_with_torchvisions_names(tmp_path):
+  """A backbone a method keeps under another name (e.g. a second branch) reads the same
+  torchvision file; a scope the model lacks is refused."""
+  densenet = numpy_state_dict(randomize_batch_norm(torch_modules.backbone(TINY_DENSENET)))
+  convert.state_dict_to_safetensors(densenet, tmp_path / "densenet.safetensors")
+  config = experiment(TINY_DENSENET)
+  fresh = zeros_like_abstract(abstract_variables(flax_model(config)))
+  want, _ = convert.load_pretrained(tmp_path / "densenet.safetensors", fresh, config.model.backbone)
+  renamed = {c: {("branch" if k == "backbone" else k): v for k, v in tree.items()}
+             for c, tree in fresh.items()}
+  variables, report = convert.load_pretrained(tmp_path / "densenet.safetensors", renamed,
+                                              config.model.backbone, scope="branch")
+  for collection in ("params", "batch_stats"):
+    jax.tree.map(np.testing.assert_array_equal, variables[collection]["branch"],
+                 want[collection]["backbone"])
+  jax.tree.map(np.testing.assert_array_equal, variables["params"]["head"], fresh["params"]["head"])
+  assert not report.unused
+  with pytest.raises(ValueError, match="no parameter subtree 'backbone'"):
+    convert.load_pretrained(tmp_path / "densenet.safetensors", renamed, config.model.backbone)
 
 
 def test_from_state_dict_lists_missing_mismatched_and_unused_keys():
@@ -376,18 +504,19 @@ import sys
 sys.modules["torch"] = None  # any `import torch` now fails
 import jax, numpy as np
 from configs import common
-from cxr_jax.interop import convert
+from cxr_jax import methods
+from cxr_jax.interop import convert, registry
 from cxr_jax.methods import baseline
 config = common.get_config()
 config.model.backbone.update({backbone!r})
-model = baseline.build(config, 3)
+model = baseline.build(config, methods.Task(target="labels", class_names=("a", "b", "c")))
 x = np.zeros((1, 32, 32, 3), np.float32)
 abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
 fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
 for suffix in ("safetensors", "npz"):
-  variables, report = convert.load_pretrained("{dir}/w." + suffix, fresh, config)
+  variables, report = convert.load_pretrained("{dir}/w." + suffix, fresh, config.model.backbone)
   print(suffix, len(report.loaded))
-state_dict = convert.to_state_dict(variables, convert.torch_names(config))
+state_dict = convert.to_state_dict(variables, registry.torch_names(config))
 convert.state_dict_to_safetensors(state_dict, "{dir}/out.safetensors")
 try:
   convert.load_state_dict_file("{dir}/w.pth")
@@ -410,4 +539,4 @@ def test_export_and_import_work_without_torch(tmp_path):
   assert f"safetensors {leaves}\nnpz {leaves}\n" in result.stdout
   assert "needs torch; without it, give the weights as .safetensors or .npz" in result.stdout
   assert sorted(safetensors.torch.load_file(tmp_path / "out.safetensors")) == sorted(
-      torch_modules.build(experiment(TINY_DENSENET), 3).state_dict())
+      mirror_model(experiment(TINY_DENSENET), 3).state_dict())
