@@ -91,11 +91,19 @@ def train_dataset(config, manifest, method: methods.Method) -> grain.MapDataset:
 
 def eval_dataset(config, manifest, method: methods.Method, split: str, *,
                  global_batch: int | None = None) -> grain.MapDataset:
-  """This process's padded evaluation batches of `split`, with the method's inputs."""
+  """This process's padded evaluation batches of `split` (of `global_batch` or
+  `config.eval.global_batch` across processes), with the method's inputs."""
   return pipeline.eval_dataset(split_source(config, split),
                                _spec(config, manifest, method, train=False),
                                global_batch=global_batch or config.eval.global_batch,
                                process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def local_examples(config, manifest, method: methods.Method, split: str) -> grain.MapDataset:
+  """Single examples of `split` read by this process alone (batches of 1, no process slicing):
+  shapes for tracing and a few inputs for export, on any number of processes."""
+  return pipeline.eval_dataset(split_source(config, split),
+                               _spec(config, manifest, method, train=False), global_batch=1)
 
 
 def example_batch(ds: grain.MapDataset) -> dict[str, np.ndarray]:
@@ -121,8 +129,8 @@ class Run:
   def output_shapes(self) -> dict[str, Any]:
     """The shapes of the model's outputs in inference mode (traced once, nothing computed)."""
     if self._outputs is None:
-      example = example_batch(eval_dataset(self.config, self.manifest, self.method,
-                                           self.config.data.val_split, global_batch=1))
+      example = example_batch(local_examples(self.config, self.manifest, self.method,
+                                             self.config.data.val_split))
 
       def outputs():
         variables = steps.init_variables(self.model, self.config, jax.random.PRNGKey(0), example,
@@ -198,8 +206,7 @@ def restore_for_inference(workdir: str, which: str = "best") -> tuple[Run, steps
                                  best_metric=config.checkpoint.best_metric,
                                  best_mode=config.checkpoint.best_mode)
   step = ckpt.resolve(which)
-  example = example_batch(eval_dataset(config, manifest, run.method, config.data.val_split,
-                                       global_batch=1))
+  example = example_batch(local_examples(config, manifest, run.method, config.data.val_split))
   state = ckpt.restore_state(step, abstract_state(run, example))
   ckpt.close()
   logging.info("restored step %d from %s", step, ckpt.directory)

@@ -64,8 +64,8 @@ def _write_json(path: str, value: Any) -> None:
 def _trace_inputs(run: experiment.Run, count: int) -> list[np.ndarray]:
   """`count` real examples of the validation split as the exported model's inputs, in order:
   the image as pixel/255 (B, 1, H, W), then the method's extra inputs as the pipeline makes them."""
-  batch = experiment.eval_dataset(run.config, run.manifest, run.method, run.config.data.val_split,
-                                  global_batch=1)
+  batch = experiment.local_examples(run.config, run.manifest, run.method,
+                                    run.config.data.val_split)
   examples = [batch[i % len(batch)] for i in range(count)]
   image = np.concatenate([e["image"] for e in examples]).transpose(0, 3, 1, 2) / np.float32(255)
   return [image.astype(np.float32)] + [np.concatenate([e[k] for e in examples])

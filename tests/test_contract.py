@@ -210,3 +210,24 @@ def test_task_counts_apply_the_uncertainty_policy(data_dir):
   task = experiment.make_task(config, manifest)
   assert task.class_names[0] == "Atelectasis|right|upper" and task.mask_key == "fine_label_mask"
   assert task.positives[task.class_names.index("Nodule|left|lower")] == 32
+
+
+def test_location_aware_task_streams_through_location_accuracy(data_dir):
+  """A fine-label task: the baseline learns `Finding|side|zone`, evaluated by AUC and by side and
+  zone accuracy; localization evaluators are refused for it (boxes name findings, not places)."""
+  config = toy_config(data_dir, name="baseline")
+  config.data.target = "fine_labels"
+  config.eval.evaluators = "classification,location_accuracy"
+  run, example, variables = assembled(config)
+  assert run.task.num_classes == 84
+  state = steps.create_state(run.model, run.tx, config, run.mesh, example, run.method, variables)
+  evaluators = experiment.split_evaluators(run, "test")
+  experiment.evaluate_split(run, state, "test", evaluators)
+  located = evaluators["location_accuracy"].result()
+  # datasets.example: every record's one fine label is Nodule|left|lower.
+  assert located["findings"]["Nodule"]["n_pos"] == 8
+  assert 0 <= located["findings"]["Nodule"]["side_acc"] <= 1
+  assert evaluators["classification"].predictions()["scores"].shape == (8, 84)
+  config.eval.evaluators = "ham_localization"
+  with pytest.raises(ValueError, match="learns fine_labels"):
+    experiment.split_evaluators(run, "test")

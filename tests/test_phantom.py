@@ -1,7 +1,6 @@
 """Tests of data_prep.phantom: NIH formats and quirks, determinism, splits, labels and boxes."""
 
 import csv
-import io
 import json
 import os
 import re
