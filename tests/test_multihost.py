@@ -135,7 +135,7 @@ def test_two_processes_match_one_process(scenario):
   two, one = state_at(scenario["two"], step), state_at(scenario["reference"], step)
   for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-  for split, key in (("train", "loss"), ("val", "val_loss")):
+  for split, key in (("train", "loss"), ("val", "loss")):
     got = {m["step"]: m[key] for m in metrics(scenario["two"], split)}
     want = {m["step"]: m[key] for m in metrics(scenario["reference"], split)}
     common = sorted(set(got) & set(want))
