@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -221,8 +222,7 @@ def classification_loss(logits, targets, mask, loss_config: Mapping[str, Any], t
   name = loss_config["name"]
   if name == "wbce":
     if loss_config["class_counts"] == "train":
-      pos, neg = (torch.tensor(c, dtype=torch.float32, device=logits.device)
-                  for c in (task.positives, task.negatives))
+      pos, neg = (torch.as_tensor(np.asarray(c), device=logits.device) for c in task.counts())
     else:
       pos, neg = (targets * mask).sum(0), ((1 - targets) * mask).sum(0)
     total = pos + neg

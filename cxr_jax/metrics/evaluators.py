@@ -53,8 +53,10 @@ class Classification:
 
   def predictions(self) -> dict[str, np.ndarray]:
     """Everything seen, in record-index order: scores, targets, mask (N, K) and index (N,)."""
-    merged = {k: (np.concatenate(v) if v else np.zeros((0, len(self.class_names))))
-              for k, v in self._parts.items()}
+    if not self._parts["index"]:
+      empty = np.zeros((0, len(self.class_names)), np.float32)
+      return dict(scores=empty, targets=empty, mask=empty, index=np.zeros((0,), np.int32))
+    merged = {k: np.concatenate(v) for k, v in self._parts.items()}
     order = np.argsort(merged["index"], kind="stable")
     return {k: v[order] for k, v in merged.items()}
 
