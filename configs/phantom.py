@@ -13,7 +13,7 @@ The phantom (docs/phantom.md) is rendered in NIH ChestX-ray14's file layout and 
 import os
 
 from configs import common
-from cxr_jax.data import writer
+from cxr_jax.data import labels, writer
 from data_prep import phantom
 
 CACHE = os.environ.get("CXR_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cxr_jax"))
@@ -40,6 +40,8 @@ def get_config(arg=None):
   c.checkpoint.every = 250
   c.eval.global_batch = 64
   c.eval.evaluators = "classification,ham_localization,wang_localization"
+  # The phantom boxes every finding; NIH's protocol reports its 8 box classes.
+  c.eval.localization_classes = ",".join(labels.NIH_BOX_LABELS)
   if arg.smoke:
     c.model.backbone.update(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8,
                             bn_size=2)

@@ -15,7 +15,7 @@ import torch
 import datasets
 import parity
 import toy_method
-from cxr_jax import evaluate, experiment, export, methods, steps, train
+from cxr_jax import benchmark, evaluate, experiment, export, methods, steps, train
 from cxr_jax.data import writer
 from cxr_jax.interop import convert, registry
 
@@ -231,3 +231,15 @@ def test_location_aware_task_streams_through_location_accuracy(data_dir):
   config.eval.evaluators = "ham_localization"
   with pytest.raises(ValueError, match="learns fine_labels"):
     experiment.split_evaluators(run, "test")
+
+
+def test_benchmark_times_a_method_with_its_inputs_and_loss_in_both_frameworks(data_dir):
+  """The benchmark's synthetic batch carries every field (the toy reads anatomy) and both
+  frameworks step with the method's own two-term loss."""
+  config = benchmark.apply_overrides(toy_config(data_dir), batch=8)
+  record = benchmark.benchmark(config, steps_timed=1, warmup=1, with_torch=True)
+  assert record["method"] == "toy" and record["num_classes"] == 14
+  assert record["jax"]["params"] == record["torch"]["params"]
+  for part in (record["jax"], record["torch"]):
+    # BCE of random labels plus half of the auxiliary BCE: about 0.69 x 1.5 at initialisation.
+    assert part["final_loss"] == pytest.approx(0.69 * 1.5, abs=0.35)

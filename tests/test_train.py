@@ -32,6 +32,18 @@ def losses_by_step(workdir):
   return {d["step"]: d["loss"] for d in lines if d["split"] == "train"}
 
 
+def donor_weights(config, tmp_path):
+  """(run, example batch, donor variables, a torch-named .safetensors file of the donor)."""
+  manifest = writer.load_manifest(config.data.dir)
+  run = experiment.assemble(config, manifest)
+  example = experiment.example_batch(experiment.train_dataset(config, manifest, run.method))
+  donor = steps.init_variables(run.model, config, jax.random.PRNGKey(7), example, run.method)
+  weights = tmp_path / "donor.safetensors"
+  convert.state_dict_to_safetensors(convert.to_state_dict(donor, registry.torch_names(config)),
+                                    str(weights))
+  return run, example, donor, weights
+
+
 def test_eight_devices_match_one(data_dir):
   """The same global batch on 1 and on 8 devices gives the same parameters (SGD: Adam would
   amplify float noise in zero-gradient leaves into lr-sized updates)."""
@@ -154,13 +166,7 @@ def test_resume_refuses_changed_data(data_dir, tmp_path, change):
 def test_resume_does_not_need_the_init_from_file(data_dir, tmp_path):
   """Fault 4: a resumed run restores onto the abstract state; the pretrained file may be gone."""
   config = datasets.tiny_config(data_dir, steps=3, eval_every=0)
-  manifest = writer.load_manifest(data_dir)
-  run = experiment.assemble(config, manifest)
-  example = experiment.example_batch(experiment.train_dataset(config, manifest, run.method))
-  donor = steps.init_variables(run.model, config, jax.random.PRNGKey(7), example, run.method)
-  weights = tmp_path / "donor.safetensors"
-  convert.state_dict_to_safetensors(convert.to_state_dict(donor, registry.torch_names(config)),
-                                    str(weights))
+  _, _, _, weights = donor_weights(config, tmp_path)
   config.init_from = str(weights)
   train.train_and_evaluate(config, str(tmp_path / "run"))
   os.remove(weights)
@@ -233,13 +239,7 @@ def test_unknown_best_metric_is_named(data_dir, tmp_path):
 
 def test_init_from_fills_the_backbone_and_keeps_a_fresh_head(data_dir, tmp_path):
   config = datasets.tiny_config(data_dir)
-  manifest = writer.load_manifest(data_dir)
-  run = experiment.assemble(config, manifest)
-  example = experiment.example_batch(experiment.train_dataset(config, manifest, run.method))
-  donor = steps.init_variables(run.model, config, jax.random.PRNGKey(7), example, run.method)
-  weights = tmp_path / "donor.safetensors"
-  convert.state_dict_to_safetensors(convert.to_state_dict(donor, registry.torch_names(config)),
-                                    str(weights))
+  run, example, donor, weights = donor_weights(config, tmp_path)
   config.init_from = str(weights)
   state = experiment.initial_state(run, example)
   chex.assert_trees_all_equal(state.params["backbone"], donor["params"]["backbone"])

@@ -17,6 +17,8 @@ NIH_LABELS = (
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
     "Hernia",
 )
+# The 8 classes with boxes in NIH's BBox_List_2017.csv: the classes localization is reported on.
+NIH_BOX_LABELS = NIH_LABELS[:8]
 NO_FINDING = "No Finding"
 # Spellings found in the official files and peers, mapped to the project's names.
 ALIASES = {"Infiltrate": "Infiltration", "Pleural Effusion": "Effusion",

@@ -227,8 +227,6 @@ def _write_tfds_metadata(data_dir: str, manifest: dict[str, Any]) -> None:
                                      description=description, check_data=False)
 
 
-# data_prep.phantom moves its own staging folder with `writer.replace_dir`.
-replace_dir = fileutil.replace_dir
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:

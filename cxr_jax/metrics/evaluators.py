@@ -77,13 +77,18 @@ class Classification:
 
 
 class _Localization:
-  """Adapts a `cxr_jax.metrics.localization` accumulator to the evaluator interface."""
+  """Adapts a `cxr_jax.metrics.localization` accumulator to the evaluator interface; boxes of
+  classes outside `classes` (indices; None: all) are left out, as padding is."""
 
-  def __init__(self, accumulator):
+  def __init__(self, accumulator, classes: Sequence[int] | None = None):
     self.accumulator = accumulator
+    self.classes = None if classes is None else np.asarray(classes)
 
   def update(self, batch: Mapping[str, np.ndarray]) -> None:
-    self.accumulator.update(batch["cams"], batch["boxes"], batch["box_labels"],
+    box_labels = batch["box_labels"]
+    if self.classes is not None:
+      box_labels = np.where(np.isin(box_labels, self.classes), box_labels, -1)
+    self.accumulator.update(batch["cams"], batch["boxes"], box_labels,
                             np.ones(len(batch["cams"]), np.float32))
 
   def result(self) -> dict[str, Any]:
@@ -110,7 +115,8 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
   Args:
     names: evaluator names (see `parse`).
     task: the run's `cxr_jax.methods.Task`.
-    eval_config: `config.eval` (thresholds and levels).
+    eval_config: `config.eval` (thresholds, levels, and `localization_classes`: the class names
+      localization is reported on, comma-separated; empty: every class with boxes).
     image_size: side of the evaluated images (maps are compared with boxes at this size).
     has_cams: whether the method returns `cams`.
     has_boxes: whether the split has boxes.
@@ -122,6 +128,7 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
       that boxes name; location accuracy needs fine labels).
   """
   evaluators = {}
+  located = _localization_classes(eval_config["localization_classes"], task.class_names)
   for name in names:
     if name in LOCALIZATION and task.target != "labels":
       raise ValueError(f"{name} compares maps of the finding labels with their boxes; the task "
@@ -136,13 +143,22 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
                                         patient_ids=patient_ids, n_boot=n_boot, seed=seed)
     elif name == "ham_localization":
       evaluators[name] = _Localization(localization.HamLocalization(
-          task.class_names, image_size, threshold=eval_config["ham_threshold"]))
+          task.class_names, image_size, threshold=eval_config["ham_threshold"]), located)
     elif name == "wang_localization":
       evaluators[name] = _Localization(localization.WangLocalization(
-          task.class_names, image_size, levels=tuple(eval_config["wang_levels"])))
+          task.class_names, image_size, levels=tuple(eval_config["wang_levels"])), located)
     else:
       evaluators[name] = _LocationAccuracy(location_aware.LocationAccuracy(task.class_names))
   return evaluators
+
+
+def _localization_classes(names: str, class_names: Sequence[str]) -> list[int] | None:
+  """Indices of the comma-separated class `names`; None (every class) when empty."""
+  chosen = [n.strip() for n in names.split(",") if n.strip()]
+  unknown = [n for n in chosen if n not in class_names]
+  if unknown:
+    raise ValueError(f"config.eval.localization_classes names {unknown}, not classes of the task")
+  return [list(class_names).index(n) for n in chosen] or None
 
 
 def needs_cams(evaluators: Mapping[str, Any]) -> bool:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from cxr_jax.data import labels as label_lib
-from cxr_jax.data import writer
+from cxr_jax import fileutil
 from data_prep import common
 from data_prep.phantom import streams
 from data_prep.phantom.anatomy import ANATOMY_NAMES
@@ -68,9 +67,7 @@ def generate(out_dir: str | os.PathLike, num_patients: int, image_size: int = 51
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-  tmp = f"{out_dir}.partial-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with fileutil.staged_dir(out_dir, replace=True) as tmp:
     image_dirs = os.path.join(tmp, "images"), os.path.join(tmp, EXTRAS, "anatomy")
     for folder in image_dirs:
       os.makedirs(folder)
@@ -82,10 +79,6 @@ def generate(out_dir: str | os.PathLike, num_patients: int, image_size: int = 51
                      test_fraction=test_fraction, label_noise=label_noise,
                      prevalence=dict(prevalence or {}), no_finding=no_finding)
     summary = _write_tables(tmp, rows, test, image_size, arguments, prevalence_all, no_finding)
-    writer.replace_dir(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return summary
 
 
