@@ -116,9 +116,9 @@ def test_toy_mirror_and_torch_loss_match_flax_on_every_output(data_dir):
   weight = np.array([1, 1, 1, 0], np.float32)
   flax_loss, flax_terms = run.method.loss(outputs, example, task=run.task, config=config,
                                           weight=weight)
-  batch = {k: torch.from_numpy(np.asarray(v)) for k, v in example.items()}
+  batch = {k: torch.from_numpy(np.array(v)) for k, v in example.items()}
   torch_loss, torch_terms = registry.torch_loss(config)(
-      {k: torch.from_numpy(np.asarray(v)) for k, v in outputs.items()}, batch, task=run.task,
+      {k: torch.from_numpy(np.array(v)) for k, v in outputs.items()}, batch, task=run.task,
       config=config, weight=torch.from_numpy(weight))
   assert float(torch_loss) == pytest.approx(float(flax_loss), rel=1e-5)
   for name, value in flax_terms.items():

@@ -362,7 +362,7 @@ def load_pretrained(path: str | os.PathLike, variables: Mapping[str, Any],
   leaves = _leaves(within, names)
   missing, mismatched, adapted, values = _take(state_dict, leaves, flat, sum_rgb=True)
   if missing or mismatched:
-    raise ValueError(f"{os.fspath(path)} does not fit {scope!r}: "
+    raise ValueError(f"{os.fspath(path)} does not fit {scope}: "
                      + _problems(missing=missing, mismatched=mismatched))
   report = LoadReport(loaded=[leaf.key for leaf in leaves], adapted=adapted, renamed=renamed,
                       fresh=["/".join(p) for p in flat if p not in values],
