@@ -222,7 +222,7 @@ def classification_loss(logits, targets, mask, loss_config: Mapping[str, Any], t
   name = loss_config["name"]
   if name == "wbce":
     if loss_config["class_counts"] == "train":
-      pos, neg = (torch.as_tensor(np.asarray(c), device=logits.device) for c in task.counts())
+      pos, neg = (torch.as_tensor(np.array(c), device=logits.device) for c in task.counts())
     else:
       pos, neg = (targets * mask).sum(0), ((1 - targets) * mask).sum(0)
     total = pos + neg
