@@ -1,6 +1,6 @@
 """How hard is a dataset? A logistic regression on 32x32 downsampled pixels, per label.
 
-  python benchmarks/linear_probe.py --data_dir ~/.cache/cxr_jax/phantom-v1.0-2000patients-128px-seed0
+  python benchmarks/linear_probe.py --data_dir ~/.cache/cxr_jax/phantom-v1.0-f2-2000patients-128px-seed0
 
 Fits one L2-regularised logistic regression per label on the train split's pixels (area-resized
 to --size, standardised), picks the regularisation on the val split by mean AUC, and prints the
@@ -15,7 +15,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from cxr_jax import losses, metrics
+from cxr_jax import losses
+from cxr_jax.metrics import classification
 from cxr_jax.data import augment, labels, records, tfrecord, writer
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "A prepared dataset folder.", required=True)
@@ -76,15 +77,16 @@ def main(argv):
   best = None
   for l2 in map(float, _L2.value):
     w = fit(standardise(train[0]), train[1], train[2], l2, _ITERATIONS.value)
-    val_auc, _ = metrics.mean_auc(metrics.per_class_auc(scores(w, standardise(val[0])), val[1], val[2]))
+    val_scores = scores(w, standardise(val[0]))
+    val_auc, _ = classification.mean_auc(classification.per_class_auc(val_scores, val[1], val[2]))
     print(f"l2={l2:g}: val mean AUC {val_auc:.3f}")
     if best is None or val_auc > best[0]:
       best = (val_auc, l2, w)
   _, l2, w = best
-  report = metrics.evaluate_predictions(scores(w, standardise(test[0])), test[1], test[2],
-                                        label_names, n_boot=0)
+  report = classification.evaluate_predictions(scores(w, standardise(test[0])), test[1],
+                                               test[2], label_names, n_boot=0)
   print(f"logistic regression on {_SIZE.value}x{_SIZE.value} pixels, l2={l2:g}, test split:")
-  print(metrics.format_table(report))
+  print(classification.format_table(report))
 
 
 if __name__ == "__main__":
