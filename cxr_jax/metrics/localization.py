@@ -411,7 +411,8 @@ class WangLocalization:
 
 def _section(title: str, report: dict[str, Any], count: str, key: str,
              thresholds: Sequence[float]) -> str:
-  """One titled table: a row per class (its count, then `key` at each threshold), the mean last.
+  """One titled table: a row per evaluated class (its count, then `key` at each threshold), the
+  mean last. Classes without boxes are left out (the JSON report keeps them, as undefined).
 
   The accuracy sections also show each class's mean T(IoU) when `key` is "iou_acc".
   """
@@ -423,7 +424,7 @@ def _section(title: str, report: dict[str, Any], count: str, key: str,
     return cells + ([format_value(tiou)] if with_mean else [])
 
   rows = [row(name, str(c[f"n_{count}"]), c[key], c["mean_tiou"])
-          for name, c in report["classes"].items()]
+          for name, c in report["classes"].items() if c[f"n_{count}"]]
   rows.append(row("mean", "", report[f"mean_{key}"], report["mean_tiou"]))
   return f"{title}\n{text_table([header] + rows)}"
 
