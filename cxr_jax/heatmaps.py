@@ -22,6 +22,7 @@ from cxr_jax.metrics import localization
 
 _GREEN, _RED = (40, 220, 40), (255, 40, 40)
 _TITLE_HEIGHT = 14
+_MIN_SIDE = 384  # small training images are drawn larger, so that a reader sees the map
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
@@ -41,7 +42,7 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 def overlay(image: np.ndarray, cam: np.ndarray, boxes: np.ndarray, *, threshold: float,
             title: str, alpha: float = 0.45) -> Image.Image:
-  """One overlay (see the module docstring).
+  """One overlay (see the module docstring), at least `_MIN_SIDE` pixels wide.
 
   Args:
     image: (S, S) uint8 grayscale image.
@@ -51,7 +52,8 @@ def overlay(image: np.ndarray, cam: np.ndarray, boxes: np.ndarray, *, threshold:
     title: the line written above the image.
     alpha: weight of the heat colours over the image.
   """
-  size = image.shape[0]
+  size = image.shape[0] * max(1, -(-_MIN_SIDE // image.shape[0]))
+  image = np.asarray(Image.fromarray(image).resize((size, size), Image.NEAREST))
   normalized = localization.minmax_normalize(localization.resize_align_corners(cam, size))
   gray = np.repeat(image[..., None].astype(np.float32), 3, axis=-1)
   rgb = ((1 - alpha) * gray + alpha * heat_colors(normalized)).astype(np.uint8)
