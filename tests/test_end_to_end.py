@@ -10,6 +10,7 @@ import os
 import pytest
 
 from cxr_jax import config_utils, evaluate, train
+from cxr_jax.data import labels
 from cxr_jax.metrics import classification, localization
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,11 @@ def test_phantom_smoke_trains_and_evaluates(tmp_path, monkeypatch):
   assert len(os.listdir(os.path.join(workdir, "heatmaps_test"))) == 2
   located = json.load(open(os.path.join(workdir, "localization_test.json")))
   assert located["ham_localization"]["n_pairs"] > 0 and located["wang_localization"]["n_boxes"] > 0
-  assert "Nodule" in localization.format_table(located["ham_localization"])
+  table = localization.format_table(located["ham_localization"])
+  for name, c in located["ham_localization"]["classes"].items():  # NIH's 8 box classes, if boxed
+    assert (f"\n{name} " in table) == (c["n_pairs"] > 0), name
+  boxed = {n for n, c in located["ham_localization"]["classes"].items() if c["n_pairs"]}
+  assert boxed and boxed <= set(labels.NIH_BOX_LABELS)  # the phantom boxes all 14; NIH reports 8
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert json.load(open(os.path.join(workdir, "config.json")))["data"]["dir"] == config.data.dir
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
