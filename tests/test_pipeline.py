@@ -184,6 +184,17 @@ def test_too_many_boxes_is_an_error(dataset):
     pipeline.make_example(payload, dataclasses.replace(spec(dataset, train=False), max_boxes=0))
 
 
+def test_unknown_and_uncertain_fine_labels_are_masked(dataset):
+  """NaN (unknown) and -1 in fine labels count nowhere, like NaN in labels."""
+  ex = tfrecord.parse(records.split_source(dataset, "train")[0])
+  ex.fine_labels = np.array(ex.fine_labels, np.float32)
+  ex.fine_labels[:3] = [np.nan, -1.0, 1.0]
+  out = pipeline.make_example(tfrecord.serialize(ex), spec(dataset, train=False))
+  np.testing.assert_array_equal(out["fine_label_mask"][:3], [0.0, 0.0, 1.0])
+  np.testing.assert_array_equal(out["fine_labels"][:3], [0.0, 0.0, 1.0])
+  assert out["fine_label_mask"][3:].all() and np.isfinite(out["fine_labels"]).all()
+
+
 def test_corrupt_image_names_the_record(dataset):
   ex = tfrecord.parse(records.split_source(dataset, "train")[0])
   ex.image = ex.image[:40]
