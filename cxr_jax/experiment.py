@@ -125,6 +125,15 @@ class Run:
   tx: optax.GradientTransformation
   schedule: Callable[[int], Any]
   _outputs: dict[str, Any] | None = None
+  _eval_steps: dict[bool, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+
+  def eval_step(self, with_cams: bool = False) -> Callable[..., Any]:
+    """The jitted eval step (`steps.make_eval_step`), built once per run: a new one each
+    validation would compile again."""
+    if with_cams not in self._eval_steps:
+      self._eval_steps[with_cams] = steps.make_eval_step(
+          self.model, self.method, self.task, self.config, self.mesh, with_cams=with_cams)
+    return self._eval_steps[with_cams]
 
   def output_shapes(self) -> dict[str, Any]:
     """The shapes of the model's outputs in inference mode (traced once, nothing computed)."""
@@ -244,8 +253,7 @@ def evaluate_split(run: Run, state, split: str, evaluators: Mapping[str, Any]) -
   Raises:
     NonFiniteScores: the model's scores hold NaN or Inf.
   """
-  eval_step = steps.make_eval_step(run.model, run.method, run.task, run.config, run.mesh,
-                                   with_cams=evaluators_lib.needs_cams(evaluators))
+  eval_step = run.eval_step(with_cams=evaluators_lib.needs_cams(evaluators))
   batches = pipeline.to_iterator(eval_dataset(run.config, run.manifest, run.method, split),
                                  worker_count=run.config.data.worker_count,
                                  prefetch=run.config.data.prefetch)

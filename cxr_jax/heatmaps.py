@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cxr_jax import experiment, parallel, steps
+from cxr_jax import experiment, parallel
 from cxr_jax.data import pipeline
 from cxr_jax.metrics import localization
 
@@ -82,8 +82,7 @@ def write_overlays(run: experiment.Run, state: Any, split: str, count: int, out_
   """
   if "cams" not in run.output_shapes():
     raise ValueError(f"method {run.config.model.name!r} returns no cams: no heatmaps to draw")
-  eval_step = steps.make_eval_step(run.model, run.method, run.task, run.config, run.mesh,
-                                   with_cams=True)
+  eval_step = run.eval_step(with_cams=True)
   chosen: dict[int, tuple[np.ndarray, ...]] = {}  # index -> image, cams, scores, boxes, labels
   for boxed_pass in (True, False):
     for batch in pipeline.to_iterator(experiment.eval_dataset(run.config, run.manifest, run.method,

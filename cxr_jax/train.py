@@ -127,12 +127,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       final = step == config.train.steps or stop.reached(step)  # one snapshot: signals are async
       if step % config.train.log_every == 0 or final:
         last["train"] = log_train(log, progress, step, train_metrics, run.schedule, ckpt)
+      validate_now = (config.train.eval_every and step % config.train.eval_every == 0) or final
+      save_now = step % config.checkpoint.every == 0 or final
+      if validate_now or save_now:
+        check_finite(fetch(train_metrics), step, ckpt)  # never validate or save a broken state
       val = None
-      if (config.train.eval_every and step % config.train.eval_every == 0) or final:
-        check_finite(fetch(train_metrics), step, ckpt)
+      if validate_now:
         val = last["val"] = validate(run, state, step, log, ckpt)
-      if step % config.checkpoint.every == 0 or final:
-        check_finite(fetch(train_metrics), step, ckpt)  # never save a state that is not finite
+      if save_now:
         ckpt.save(step, state, stream_position(step, config, manifest),
                   metrics=ranking(val, config.checkpoint.best_metric))
       if val is not None:
