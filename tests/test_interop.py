@@ -98,7 +98,8 @@ def task(num_classes: int = NUM_CLASSES) -> methods.Task:
 
 # The package's own methods; a method registered from elsewhere (tests/toy_method.py, with its extra
 # input and outputs) is checked by its own tests (tests/test_contract.py).
-PACKAGE_METHODS = sorted(m.name for m in pkgutil.iter_modules(methods.__path__))
+PACKAGE_METHODS = sorted(m.name for m in pkgutil.iter_modules(methods.__path__)
+                         if m.name in methods.available())
 
 
 def flax_model(config, num_classes: int = NUM_CLASSES):

@@ -117,7 +117,11 @@ def register(name: str, method: Method) -> None:
 
 
 def _modules() -> list[str]:
-  return [m.name for m in pkgutil.iter_modules(__path__)]
+  """This package's method modules: those that define `METHOD` (a paper's module may hold its
+  network and losses before it is a complete method, with a mirror and configs)."""
+  return [m.name for m in pkgutil.iter_modules(__path__)
+          if isinstance(getattr(importlib.import_module(f"{__name__}.{m.name}"), "METHOD", None),
+                        Method)]
 
 
 def available() -> list[str]:
@@ -131,7 +135,4 @@ def get(name: str) -> Method:
     return _REGISTERED[name]
   if name not in _modules():
     raise ValueError(f"config.model.name={name!r} is not a method; available: {available()}")
-  module = importlib.import_module(f"{__name__}.{name}")
-  if not isinstance(getattr(module, "METHOD", None), Method):
-    raise TypeError(f"cxr_jax.methods.{name} defines no METHOD = Method(...)")
-  return module.METHOD
+  return importlib.import_module(f"{__name__}.{name}").METHOD
