@@ -11,7 +11,9 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 # PyTorch's BatchNorm2d defaults (momentum 0.1 on the new statistic, eps 1e-5) in flax's terms.
 # One training-time difference remains: torch updates running_var with the unbiased batch
@@ -116,3 +118,26 @@ def make_blocks(block_cls: type[nn.Module], specs: Sequence[tuple[str, tuple[Any
   """
   cls = nn.remat(block_cls) if remat else block_cls
   return [cls(*args, name=name) for name, args in specs]
+
+
+def _align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
+  """(out, in) weights of 1-D linear interpolation with torch's align_corners=True."""
+  scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+  src = scale * np.arange(out_size)
+  low = np.minimum(np.floor(src).astype(int), in_size - 1)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = src - low
+  matrix = np.zeros((out_size, in_size))
+  np.add.at(matrix, (np.arange(out_size), low), 1 - frac)
+  np.add.at(matrix, (np.arange(out_size), high), frac)
+  return matrix
+
+
+def resize_align_corners(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Bilinear resize of (B, h, w, K) maps to (B, *size, K), as torch's
+  `F.interpolate(mode="bilinear", align_corners=True)`. (`jax.image.resize` uses half-pixel
+  centres, which shifts the maps by up to half a CAM pixel.)"""
+  rows = jnp.asarray(_align_corners_matrix(size[0], maps.shape[1]), maps.dtype)
+  cols = jnp.asarray(_align_corners_matrix(size[1], maps.shape[2]), maps.dtype)
+  # Exact weights: the slope-100 sigmoid that follows amplifies any rounding 25 times.
+  return jnp.einsum("yh,bhwk,xw->byxk", rows, maps, cols, precision=jax.lax.Precision.HIGHEST)
