@@ -263,3 +263,39 @@ def test_normalize_cams_zero_range():
   """A constant map (HAM's zero range, not exercised by the fixture) becomes 0, not NaN."""
   maps = jnp.full((1, 4, 4, 1), 3.0)
   np.testing.assert_array_equal(np.asarray(ham.normalize_cams(maps)), 0.0)
+
+
+def test_lse_grad_cam_is_the_cam_after_min_max():
+  """With LSE pooling and a linear head, Grad-CAM's channel weights are the head weights / (H W)
+  (the LSE gradient is a softmax over positions), so min-max normalised Grad-CAM equals the CAM
+  HAM draws (research note A.2, "Activation vs gradient attention")."""
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(rng.normal(size=(2, 5, 7, 16)))
+  weights = jnp.asarray(rng.normal(size=(16, 3)))
+  grads = jax.jacrev(lambda f: ham.lse_pool(f) @ weights)(features)  # (2, 3, 2, 5, 7, 16)
+  alpha = jnp.einsum("bcbhwk->bck", grads) / (5 * 7)  # mean over positions of each sample's own
+  grad_cam = jax.nn.relu(jnp.einsum("bhwk,bck->bhwc", features, alpha))
+  cam = jax.nn.relu(features @ weights)
+  np.testing.assert_allclose(alpha, jnp.broadcast_to(weights.T / (5 * 7), alpha.shape), rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(ham.normalize_cams(grad_cam), ham.normalize_cams(cam), atol=1e-5)
+
+
+def test_ham_trains_and_evaluates_through_the_platform(tmp_path):
+  """`config.model.name=ham` through the trainer and the evaluators: all five loss terms logged,
+  its raw CAMs scored by both localization protocols."""
+  import datasets  # pylint: disable=g-import-not-at-top
+  from cxr_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+
+  data_dir = datasets.write(tmp_path / "data", {"train": 16, "val": 8, "test": 8})
+  config = datasets.tiny_config(data_dir, steps=2, eval_every=2)
+  config.model.name = "ham"
+  config.model.backbone.update(name="resnet50", growth_rate=None, block_config=None,
+                               num_init_features=None, bn_size=None, stage_sizes=(1, 1, 1, 1))
+  config.checkpoint.every = 2
+  config.eval.evaluators = "classification,ham_localization,wang_localization"
+  last = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert set(ham.LOSS_WEIGHTS) <= set(last["train"]) and set(ham.LOSS_WEIGHTS) <= set(last["val"])
+  assert last["train"]["ex_loss"] == 0  # no record is marked for box supervision
+  result = evaluate.evaluate(str(tmp_path / "run"), "test", "latest", n_boot=0)
+  assert result["localization"]["ham_localization"]["classes"]["Nodule"]["n_pairs"] == 8

@@ -31,10 +31,18 @@ class TorchSpec:
   loss: str
 
 
+def _ham_names(model_cfg: Mapping[str, Any]) -> convert.TorchNames:
+  """HAM's authors' state_dict keys; `cxr_jax.methods.ham` (flax) is imported only when asked."""
+  from cxr_jax.methods import ham  # pylint: disable=import-outside-toplevel
+  return ham.torch_names(model_cfg)
+
+
 SPECS: dict[str, TorchSpec] = {
     "baseline": TorchSpec(names=convert.baseline_names,
                           mirror="cxr_jax.interop.torch_modules:baseline",
                           loss="cxr_jax.interop.torch_modules:baseline_loss"),
+    "ham": TorchSpec(names=_ham_names, mirror="cxr_jax.interop.torch_ham:mirror",
+                     loss="cxr_jax.interop.torch_ham:loss"),
 }
 
 

@@ -27,8 +27,9 @@ maps of negative classes and a soft mask `sigmoid(100*(map - 0.75))` on the raw 
 uses the refined maps at input resolution, like the masks. Every batch-level term takes a
 per-example `weight` (B,) (0 for padding), so a padded example counts in no term.
 
-Not yet a method of the platform (no `METHOD`): its PyTorch mirror, configs, box-supervision
-splits and phantom experiments are still to come.
+As a method (`config.model.name=ham`), `loss` feeds the pipeline's batches to `ham_losses`; the
+box term waits for records marked for box supervision (custom split lists), and configs and the
+phantom experiments are still to come.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 from cxr_jax import backbones, layers, losses
 from cxr_jax.backbones.resnet import ResNet
 from cxr_jax.interop import convert
-from cxr_jax.methods import Task
+from cxr_jax.methods import Method, Task
 
 # HAM initialises every Conv2d with `kaiming_normal_(mode="fan_out", nonlinearity="relu")`
 # (untruncated) and keeps PyTorch's default Linear init, uniform(+-1/sqrt(fan_in)).
@@ -365,3 +366,19 @@ def ham_losses(outputs: Mapping[str, Any], labels: jax.Array, masks: jax.Array,
       "union_loss": union_loss(outputs["cams"], outputs["abnormality_cam"], labels, weight),
   }
   return sum(loss_weights[name] * value for name, value in terms.items()), terms
+
+
+def loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *, task: Task,
+         config: Mapping[str, Any], weight: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """HAM's losses on a pipeline batch: the task's targets where known (an unknown or ignored label
+  counts as a negative, as every label of HAM's NIH lists is known). No record is marked for box
+  supervision yet, so the box term is 0, as in the authors' official-split configuration."""
+  del config
+  targets, mask = task.targets(batch)
+  labels = targets * mask
+  refined = outputs["refined_cams"]
+  no_boxes = jnp.zeros(labels.shape[:1], refined.dtype)
+  return ham_losses(outputs, labels, jnp.zeros_like(refined), no_boxes, labels, weight)
+
+
+METHOD = Method(build=build, loss=loss)
