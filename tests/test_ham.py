@@ -44,9 +44,6 @@ INTERMEDIATES = {
     ("cls_head_3",): "e4_cat_cls_head_out",
 }
 
-pytestmark = pytest.mark.skipif(not os.path.exists(REFERENCE), reason="HAM reference fixture absent")
-
-
 @pytest.fixture(scope="module")
 def reference():
   with open(REFERENCE) as f:

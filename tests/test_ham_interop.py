@@ -7,7 +7,6 @@ term, with the method's batch adapter.
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +20,6 @@ from cxr_jax import methods
 from cxr_jax.interop import convert, registry, torch_ham
 from cxr_jax.methods import ham
 from parity import assert_close_to_scale, relative_error
-
-pytestmark = pytest.mark.skipif(not os.path.exists(test_ham.REFERENCE),
-                                reason="HAM reference fixture absent")
 
 SMALL = {"name": "resnet50", "stage_sizes": (1, 1, 1, 1)}
 # float32 flax vs torch, relative to each output's largest value: about 5x the largest error
