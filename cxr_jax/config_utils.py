@@ -11,6 +11,7 @@ import ml_collections
 
 from cxr_jax import layers, losses, methods, optim, parallel
 from cxr_jax.data import labels
+from cxr_jax.metrics import evaluators
 
 CONFIG_FILE = "config.json"
 
@@ -38,7 +39,6 @@ def _non_negative(config, path: str) -> list[str]:
 
 
 def _evaluators(config) -> list[str]:
-  from cxr_jax.metrics import evaluators  # pylint: disable=g-import-not-at-top  (no cycle at import)
   try:
     evaluators.parse(config.eval.evaluators)
   except ValueError as e:

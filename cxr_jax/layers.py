@@ -120,8 +120,10 @@ def make_blocks(block_cls: type[nn.Module], specs: Sequence[tuple[str, tuple[Any
   return [cls(*args, name=name) for name, args in specs]
 
 
-def _align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
-  """(out, in) weights of 1-D linear interpolation with torch's align_corners=True."""
+def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
+  """(out, in) float64 weights of 1-D linear interpolation with torch's align_corners=True: output i
+  samples input position i * (in - 1) / (out - 1), so the end pixels' centres meet. Shared by the
+  device-side resize below and the host-side one of `cxr_jax.metrics.localization`."""
   scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
   src = scale * np.arange(out_size)
   low = np.minimum(np.floor(src).astype(int), in_size - 1)
@@ -137,7 +139,7 @@ def resize_align_corners(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Bilinear resize of (B, h, w, K) maps to (B, *size, K), as torch's
   `F.interpolate(mode="bilinear", align_corners=True)`. (`jax.image.resize` uses half-pixel
   centres, which shifts the maps by up to half a CAM pixel.)"""
-  rows = jnp.asarray(_align_corners_matrix(size[0], maps.shape[1]), maps.dtype)
-  cols = jnp.asarray(_align_corners_matrix(size[1], maps.shape[2]), maps.dtype)
+  rows = jnp.asarray(align_corners_matrix(size[0], maps.shape[1]), maps.dtype)
+  cols = jnp.asarray(align_corners_matrix(size[1], maps.shape[2]), maps.dtype)
   # Exact weights: the slope-100 sigmoid that follows amplifies any rounding 25 times.
   return jnp.einsum("yh,bhwk,xw->byxk", rows, maps, cols, precision=jax.lax.Precision.HIGHEST)

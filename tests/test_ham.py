@@ -44,6 +44,7 @@ INTERMEDIATES = {
     ("cls_head_3",): "e4_cat_cls_head_out",
 }
 
+
 @pytest.fixture(scope="module")
 def reference():
   with open(REFERENCE) as f:

@@ -109,7 +109,7 @@ class HAM(torch_modules.ResNet):
 def mirror(config: Mapping[str, Any], task: Any) -> HAM:
   """The mirror of `ham.build(config, task)` for `config.model.channels`-channel images."""
   # ham's own backbone defaults (output stride 8), so both frameworks build the same ResNet.
-  _, fields = torch_modules._resolve(ham._backbone_config(config["model"]["backbone"]))
+  _, fields = torch_modules.resolve_mirror(ham.backbone_config(config["model"]["backbone"]))
   return HAM(task.num_classes, **fields, in_channels=config["model"]["channels"])
 
 

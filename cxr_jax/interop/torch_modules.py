@@ -188,7 +188,7 @@ _BASELINES = {flax_cls: _baseline_class(_BACKBONES[flax_cls], layout[2])
               for flax_cls, layout in convert.TORCHVISION_LAYOUT.items()}
 
 
-def _resolve(backbone_cfg: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+def resolve_mirror(backbone_cfg: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
   """The flax backbone class and the fields its mirror takes (all but dtype and remat)."""
   cls, fields = backbones.resolve(backbone_cfg)
   return cls, {k: v for k, v in fields.items() if k not in ("dtype", "remat")}
@@ -196,14 +196,14 @@ def _resolve(backbone_cfg: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
 
 def backbone(backbone_cfg: Mapping[str, Any], in_channels: int = 3) -> nn.Module:
   """The mirror of `cxr_jax.backbones.build(backbone_cfg)` for `in_channels`-channel images."""
-  cls, fields = _resolve(backbone_cfg)
+  cls, fields = resolve_mirror(backbone_cfg)
   return _BACKBONES[cls](**fields, in_channels=in_channels)
 
 
 def baseline(config: Mapping[str, Any], task: Any) -> nn.Module:
   """The mirror of `cxr_jax.methods.baseline.build(config, task)`."""
   model = config["model"]
-  cls, fields = _resolve(model["backbone"])
+  cls, fields = resolve_mirror(model["backbone"])
   return _BASELINES[cls](task.num_classes, model["dropout"], **fields, in_channels=model["channels"])
 
 

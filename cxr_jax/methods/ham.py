@@ -177,7 +177,7 @@ class Model(nn.Module):
                 refined_abnormality_cam=refine_cams(abnormality_cam, size), pooled=pooled)
 
 
-def _backbone_config(backbone_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def backbone_config(backbone_cfg: Mapping[str, Any]) -> dict[str, Any]:
   """The backbone config with HAM's output stride 8 where none is set; only ResNets fit HAM."""
   cfg = {key: value for key, value in backbone_cfg.items() if value is not None}
   cfg.setdefault("output_stride", 8)
@@ -189,7 +189,7 @@ def _backbone_config(backbone_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def build(config: Mapping[str, Any], task: Task) -> Model:
   """HAM's network for `config.model.backbone` (output stride 8 unless set) and `config.dtype`."""
   dtype = jnp.dtype(config["dtype"])
-  backbone = backbones.build({**_backbone_config(config["model"]["backbone"]), "dtype": dtype})
+  backbone = backbones.build({**backbone_config(config["model"]["backbone"]), "dtype": dtype})
   return Model(backbone=backbone, num_classes=task.num_classes, dtype=dtype)
 
 
@@ -198,7 +198,7 @@ def torch_names(model_cfg: Mapping[str, Any]) -> convert.TorchNames:
   keys for the backbone (`conv1.weight`, `layer3.0.conv2.weight`), then `fa_layer.conva.0.weight`,
   `fa_layer.fa.channel_fc.2.weight`, `cls_head.1.running_mean`, `cls_fc.weight`, ..."""
   return convert.TorchNames((
-      convert.backbone_scope(_backbone_config(model_cfg["backbone"]), flax="backbone"),
+      convert.backbone_scope(backbone_config(model_cfg["backbone"]), flax="backbone"),
       convert.Scope("", "", ((r"_(\d+)\.", r".\1."),)),
   ))
 

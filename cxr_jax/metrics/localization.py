@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from scipy import ndimage
 
+from cxr_jax import layers
 from cxr_jax.metrics import streaming
 from cxr_jax.metrics.classification import format_value, json_float, text_table
 
@@ -54,25 +55,10 @@ _LOGGED_IOU = (0.1, 0.3, 0.5)
 _LOGGED_IOR = (0.5,)
 
 
-def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) weights of 1-D linear interpolation with align_corners=True."""
-  # Output i samples input position i * (n_in - 1) / (n_out - 1): the end pixels' centres meet.
-  scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-  position = np.arange(n_out) * scale
-  low = np.minimum(np.floor(position).astype(np.int64), n_in - 1)
-  high = np.minimum(low + 1, n_in - 1)
-  frac = position - low
-  weights = np.zeros((n_out, n_in))
-  rows = np.arange(n_out)
-  np.add.at(weights, (rows, low), 1 - frac)
-  np.add.at(weights, (rows, high), frac)
-  return weights.astype(np.float32)
-
-
 def _resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
   """(n, h, w) -> (n, size, size) float32 align-corners bilinear resize of each plane."""
-  rows = _interpolation_matrix(planes.shape[1], size)
-  cols = _interpolation_matrix(planes.shape[2], size)
+  rows = layers.align_corners_matrix(size, planes.shape[1]).astype(np.float32)
+  cols = layers.align_corners_matrix(size, planes.shape[2]).astype(np.float32)
   return rows @ np.asarray(planes, np.float32) @ cols.T
 
 
