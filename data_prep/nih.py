@@ -1,6 +1,7 @@
 """Converts NIH ChestX-ray14, as released, into a prepared cxr_jax dataset (splits train/val/test).
 
     python -m data_prep.nih --src DIR --out DIR --image-size S [--val-fraction F --seed K]
+        [--train-list FILE --test-list FILE [--val-list FILE]] [--box-list FILE]
         [--workers N] [--skip-bad] [--overwrite]
 
 Reads from --src:
@@ -9,6 +10,14 @@ Reads from --src:
       by header name, so age and `Patient Gender`/`Patient Sex` spellings do not matter.
   train_val_list.txt, test_list.txt   the official patient-disjoint split; validation is carved
       from train_val by patient (--val-fraction, --seed).
+  or --train-list, --test-list and optionally --val-list (any paths)   custom split lists in the
+      same format, one Image Index a line, such as HAM's folds. They define the splits: an image
+      in none is left out (counted as `unlisted` in cxr_manifest.json); they are image-level, so a
+      patient may have images in train and test (counted as `patients_in_train_and_test`, and
+      warned). Without --val-list, validation is carved from the train list by patient.
+  --box-list (optional, any path)   the images whose boxes may train a box term (HAM's "helper"
+      images), in the same format: written with box_supervised = 1. Each must be in the training
+      split and have a box; validation is never carved from their patients.
   BBox_List_2017.csv (optional)  9-field header, 6-field rows, `Infiltrate`; x, y, w, h in pixels
       of the source image, normalised here by its actual size.
   images/ or images_001/images/ ... images_012/images/   the PNGs, written as 8-bit grayscale
@@ -17,14 +26,17 @@ Reads from --src:
       boxes are every finding instance of fine_labels.csv (BBox_List_2017.csv is still checked),
       and records gain fine labels and anatomy maps (resized with NEAREST).
 
-Every bad input (unreadable image, malformed row, unknown label, image in no split or in both,
-patient in both train_val and test, box for an unknown image) stops the conversion with an error
-naming the file and row, and leaves --out as it was; with --skip-bad it is logged, left out and
-listed in cxr_manifest.json instead.
+Every bad input (unreadable image, malformed row, unknown label, image in no official split
+list, image in two split lists, list entry not in Data_Entry, patient in both train_val and test
+of the official split, box for an unknown image, box-list image outside the training split or
+without a box) stops the conversion with an error naming the file and row, and leaves --out as it
+was; with --skip-bad it is logged, left out and listed in cxr_manifest.json instead (a box-list
+image outside the training split or without a box is written, unmarked).
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import glob
@@ -45,6 +57,8 @@ DATASET_NAME = "nih"
 DATA_ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")  # preferred first
 BBOX_FILE = "BBox_List_2017.csv"
 SPLIT_FILES = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
+# The list sides whose images are training images, bar those carved into validation.
+TRAIN_SIDES = ("train_val", "train")
 EXTRAS_DIR = "phantom_extras"
 DATA_ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
 FINE_LABEL_COLUMNS = ("Image Index", "Finding Label", "Side", "Zone", "x", "y", "w", "h")
@@ -64,9 +78,9 @@ class Entry:
 
 @dataclasses.dataclass(frozen=True)
 class Listing:
-  """Where a split list names an image."""
+  """Where a split list (or the box list) names an image."""
 
-  side: str  # a key of SPLIT_FILES
+  side: str  # a key of SPLIT_FILES; of custom lists "train", "val", "test"; "box" (--box-list)
   path: str
   line: int
 
@@ -77,6 +91,23 @@ class Box:
 
   label: int
   xywh: tuple[float, float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitLists:
+  """The list files that assign the splits, and the optional box-supervision list.
+
+  `files` maps each side to its path, in reading order; `official` says they are the release's
+  own (which must list every image, patient-disjointly).
+  """
+
+  files: dict[str, str]
+  official: bool
+  box_list: str | None = None
+
+
+class ListOptionsError(ValueError):
+  """Split-list options that do not go together, such as --train-list without --test-list."""
 
 
 @dataclasses.dataclass
@@ -99,6 +130,7 @@ class Item:
   path: str
   boxes: tuple[Box, ...]
   label_map_path: str | None
+  box_supervised: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,30 +194,57 @@ def _parse_entry(fields: list[str], column: dict[str, int], line: int) -> Entry:
                labels=parse_finding_labels(fields[column["Finding Labels"]]), line=line)
 
 
-def read_split_lists(src: str, data_entry: str, entries: dict[str, Entry],
+def split_lists(src: str, *, train_list: str | None = None, test_list: str | None = None,
+                val_list: str | None = None, box_list: str | None = None) -> SplitLists:
+  """The custom lists when given (train and test together, val optional), else the official ones."""
+  if (train_list is None) != (test_list is None):
+    raise ListOptionsError("--train-list and --test-list go together: give both or neither")
+  if train_list is None:
+    if val_list is not None:
+      raise ListOptionsError("--val-list needs --train-list and --test-list")
+    return SplitLists({side: os.path.join(src, name) for side, name in SPLIT_FILES.items()},
+                      official=True, box_list=box_list)
+  files = dict(train=train_list, test=test_list)
+  if val_list is not None:
+    files["val"] = val_list
+  return SplitLists(files, official=False, box_list=box_list)
+
+
+def read_list(path: str, side: str, data_entry: str, entries: dict[str, Entry],
+              bad: common.BadInputs, listed: dict[str, Listing]) -> None:
+  """Adds where the list file `path` names each image to `listed`; an id not in Data_Entry, or one
+  already in `listed`, is bad input."""
+  with open(path, encoding="utf-8") as f:
+    for line, text in enumerate(f, 1):
+      image_id = text.strip()
+      if not image_id or image_id in bad.dropped:
+        continue
+      if image_id not in entries:
+        bad.report(BadInputError(path, line, f"{image_id} is not in {data_entry}"))
+      elif image_id in listed:
+        first = listed[image_id]
+        bad.report(BadInputError(path, line, f"{image_id} is also listed in {first.path} "
+                                 f"row {first.line}", image=image_id))
+      else:
+        listed[image_id] = Listing(side, path, line)
+
+
+def read_split_lists(files: dict[str, str], data_entry: str, entries: dict[str, Entry],
                      bad: common.BadInputs) -> dict[str, Listing]:
-  """Where each image is listed; checks every listed image has a row and every row one listing."""
+  """Where each image is listed (`files`: side -> path); an image in two lists is bad input."""
   listed: dict[str, Listing] = {}
-  for side, name in SPLIT_FILES.items():
-    path = os.path.join(src, name)
-    with open(path, encoding="utf-8") as f:
-      for line, text in enumerate(f, 1):
-        image_id = text.strip()
-        if not image_id or image_id in bad.dropped:
-          continue
-        if image_id not in entries:
-          bad.report(BadInputError(path, line, f"{image_id} is not in {data_entry}"))
-        elif image_id in listed:
-          first = listed[image_id]
-          bad.report(BadInputError(path, line, f"{image_id} is also listed in {first.path} "
-                                   f"row {first.line}", image=image_id))
-        else:
-          listed[image_id] = Listing(side, path, line)
+  for side, path in files.items():
+    read_list(path, side, data_entry, entries, bad, listed)
+  return listed
+
+
+def check_all_listed(entries: dict[str, Entry], listed: dict[str, Listing], data_entry: str,
+                     bad: common.BadInputs) -> None:
+  """The official lists must name every row of Data_Entry."""
   for image_id, entry in entries.items():
     if image_id not in listed and image_id not in bad.dropped:
       bad.report(BadInputError(data_entry, entry.line, f"{image_id} is in none of "
                                f"{', '.join(SPLIT_FILES.values())}", image=image_id))
-  return listed
 
 
 def check_patients(entries: dict[str, Entry], listed: dict[str, Listing],
@@ -316,41 +375,126 @@ def find_data_entry(src: str) -> str:
   raise FileNotFoundError(f"none of {', '.join(DATA_ENTRY_FILES)} in {src}")
 
 
-def plan(src: str, bad: common.BadInputs, val_fraction: float, seed: int) -> Plan:
-  """Reads and checks every metadata file, finds the images and assigns the splits."""
-  data_entry = find_data_entry(src)
-  entries = read_data_entry(data_entry, bad)
-  listed = read_split_lists(src, data_entry, entries, bad)
-  check_patients(entries, listed, bad)
+def read_boxes(src: str, data_entry: str, entries: dict[str, Entry], bad: common.BadInputs,
+               ) -> tuple[dict[str, list[Box]], Extras | None, str | None]:
+  """The boxes by image, the phantom's extras (or None) and the file the boxes come from."""
   bbox_path = os.path.join(src, BBOX_FILE)
   has_bbox = os.path.exists(bbox_path)
   # Read even when the extras replace its boxes, so that the file is always checked.
   boxes = read_bbox_list(bbox_path, data_entry, entries, bad) if has_bbox else {}
   extras = read_extras(src, data_entry, entries, bad)
   if extras is not None:
-    boxes = extras.boxes
-  image_paths = find_images(src)
+    return extras.boxes, extras, f"{EXTRAS_DIR}/fine_labels.csv"
+  return boxes, None, BBOX_FILE if has_bbox else None
+
+
+def check_images_found(src: str, data_entry: str, entries: dict[str, Entry],
+                       listed: dict[str, Listing], image_paths: dict[str, str],
+                       bad: common.BadInputs) -> None:
+  """Every listed image must have a file."""
   for image_id in sorted(listed):
     if image_id not in image_paths and image_id not in bad.dropped:
       bad.report(BadInputError(data_entry, entries[image_id].line, f"image {image_id} not found in "
                                f"{src}/images or {src}/images_*/images", image=image_id))
-  kept = [entries[i] for i in sorted(listed) if i not in bad.dropped]
-  val_patients = common.carve_by_patient(
-      (e.patient_id for e in kept if listed[e.image_id].side == "train_val"), val_fraction, seed)
+
+
+def read_box_list(path: str, data_entry: str, entries: dict[str, Entry],
+                  listed: dict[str, Listing], boxes: dict[str, list[Box]],
+                  boxes_from: str | None, bad: common.BadInputs) -> frozenset[str]:
+  """The images to mark for box supervision: those of the list at `path` that are in the
+  training side of the split lists and have a box; any other is bad input."""
+  marked: dict[str, Listing] = {}
+  read_list(path, "box", data_entry, entries, bad, marked)
+  good = set()
+  for image_id, listing in marked.items():
+    if image_id in bad.dropped:
+      continue
+    # A bad mark names no image: with --skip-bad the image is still written, unmarked.
+    if image_id not in listed or listed[image_id].side not in TRAIN_SIDES:
+      where = (f"listed in {listed[image_id].path} row {listed[image_id].line}"
+               if image_id in listed else "in no split list")
+      bad.report(BadInputError(path, listing.line, f"{image_id} is marked for box supervision "
+                               f"but is {where}, not in the training split"))
+    elif not boxes.get(image_id):
+      bad.report(BadInputError(path, listing.line, f"{image_id} is marked for box supervision "
+                               f"but has no box in {boxes_from or BBOX_FILE + ' (not found)'}"))
+    else:
+      good.add(image_id)
+  return frozenset(good)
+
+
+def assign_splits(kept: Sequence[Entry], listed: dict[str, Listing], marked: frozenset[str],
+                  val_fraction: float, seed: int) -> dict[str, str]:
+  """The output split of each kept image: its list's, with validation carved by patient from the
+  training side (`val_fraction` of its patients, bar those with a marked image, which stay in
+  training so that no box-supervised image is lost to validation)."""
+  keep_in_train = {e.patient_id for e in kept if e.image_id in marked}
+  candidates = (e.patient_id for e in kept
+                if listed[e.image_id].side in TRAIN_SIDES and e.patient_id not in keep_in_train)
+  val_patients = common.carve_by_patient(candidates, val_fraction, seed)
 
   def split_of(entry):
-    if listed[entry.image_id].side == "test":
-      return "test"
-    return "val" if entry.patient_id in val_patients else "train"
+    side = listed[entry.image_id].side
+    if side in TRAIN_SIDES:
+      return "val" if entry.patient_id in val_patients else "train"
+    return side
+
+  return {e.image_id: split_of(e) for e in kept}
+
+
+def patients_in_both(items: Sequence[Item], first: str, second: str) -> set[str]:
+  """The patients with images in both splits `first` and `second`."""
+  patients = collections.defaultdict(set)
+  for item in items:
+    patients[item.split].add(item.entry.patient_id)
+  return patients[first] & patients[second]
+
+
+def split_facts(lists: SplitLists, entries: dict[str, Entry], listed: dict[str, Listing],
+                items: Sequence[Item], bad: common.BadInputs) -> dict:
+  """What the manifest records of the split lists: their file names, the images they leave out
+  and the patients shared by train and test (none with the official lists, where either is bad
+  input)."""
+  unlisted = sum(1 for i in entries if i not in listed and i not in bad.dropped)
+  shared = patients_in_both(items, "train", "test")
+  if unlisted:
+    logging.info("left out %d images of Data_Entry that no split list names", unlisted)
+  if shared:
+    logging.warning("%d patients have images in both train and test: the split lists are "
+                    "image-level, not patient-disjoint", len(shared))
+  return dict(split_lists={side: os.path.basename(path) for side, path in lists.files.items()},
+              box_list=os.path.basename(lists.box_list) if lists.box_list else None,
+              unlisted=unlisted, patients_in_train_and_test=len(shared))
+
+
+def plan(src: str, bad: common.BadInputs, val_fraction: float, seed: int,
+         lists: SplitLists) -> Plan:
+  """Reads and checks every metadata file, finds the images and assigns the splits."""
+  data_entry = find_data_entry(src)
+  entries = read_data_entry(data_entry, bad)
+  listed = read_split_lists(lists.files, data_entry, entries, bad)
+  if lists.official:
+    check_all_listed(entries, listed, data_entry, bad)
+    check_patients(entries, listed, bad)
+  boxes, extras, boxes_from = read_boxes(src, data_entry, entries, bad)
+  image_paths = find_images(src)
+  check_images_found(src, data_entry, entries, listed, image_paths, bad)
+  marked = (read_box_list(lists.box_list, data_entry, entries, listed, boxes, boxes_from, bad)
+            if lists.box_list else frozenset())
+  kept = [entries[i] for i in sorted(listed) if i not in bad.dropped]
+  val_from_list = "val" in lists.files
+  splits = assign_splits(kept, listed, marked, 0.0 if val_from_list else val_fraction, seed)
 
   def label_map_of(entry):
     return os.path.join(extras.anatomy_dir, entry.image_id) if extras else None
 
-  items = [Item(e, split_of(e), image_paths[e.image_id], tuple(boxes.get(e.image_id, ())),
-                label_map_of(e)) for e in kept]
-  boxes_from = f"{EXTRAS_DIR}/fine_labels.csv" if extras else BBOX_FILE if has_bbox else None
-  facts = dict(data_entry=os.path.basename(data_entry), val_fraction=val_fraction, seed=seed,
-               val_patients=len(val_patients), boxes_from=boxes_from)
+  items = [Item(e, splits[e.image_id], image_paths[e.image_id], tuple(boxes.get(e.image_id, ())),
+                label_map_of(e), box_supervised=e.image_id in marked) for e in kept]
+  val_patients = {item.entry.patient_id for item in items if item.split == "val"}
+  facts = dict(data_entry=os.path.basename(data_entry),
+               val_fraction=None if val_from_list else val_fraction, seed=seed,
+               val_patients=len(val_patients), boxes_from=boxes_from,
+               **split_facts(lists, entries, listed, items, bad))
   return Plan(data_entry, items, extras, facts)
 
 
@@ -368,19 +512,28 @@ def make_example(item: Item, result: common.ImageResult,
       view=entry.view, labels=entry.labels,
       boxes=common.normalise_boxes([b.xywh for b in item.boxes], result.width, result.height),
       box_labels=np.array([b.label for b in item.boxes], np.int64),
-      fine_labels=fine_labels, anatomy=result.label_map_png)
+      fine_labels=fine_labels, anatomy=result.label_map_png, box_supervised=item.box_supervised)
 
 
 def convert(src: str, out: str, *, image_size: int, val_fraction: float = 0.1, seed: int = 0,
+            train_list: str | None = None, test_list: str | None = None,
+            val_list: str | None = None, box_list: str | None = None,
             workers: int = 1, skip_bad: bool = False, overwrite: bool = False,
             max_shard_bytes: int = writer.DEFAULT_MAX_SHARD_BYTES) -> dict:
   """Converts the NIH release in `src` into a prepared dataset in `out`; returns its manifest.
 
-  Raises BadInputError (a ValueError) naming the file and row of the first bad input, leaving
-  `out` untouched, unless skip_bad.
+  The splits come from `train_list` and `test_list` (and `val_list`) when given, else from the
+  official lists in `src`; the images of `box_list` are marked box_supervised (module docstring).
+
+  Raises:
+    BadInputError (a ValueError) naming the file and row of the first bad input, leaving `out`
+      untouched, unless skip_bad.
+    ListOptionsError: only one of `train_list` and `test_list`, or `val_list` without them.
   """
+  lists = split_lists(src, train_list=train_list, test_list=test_list, val_list=val_list,
+                      box_list=box_list)
   bad = common.BadInputs(skip_bad)
-  todo = plan(src, bad, val_fraction, seed)
+  todo = plan(src, bad, val_fraction, seed, lists)
   extras = todo.extras
   with writer.DatasetWriter(
       out, DATASET_NAME, label_names=labels_lib.NIH_LABELS, image_size=image_size,
@@ -400,14 +553,30 @@ def convert(src: str, out: str, *, image_size: int, val_fraction: float = 0.1, s
   return writer.load_manifest(out)
 
 
+def argument_parser() -> argparse.ArgumentParser:
+  """Every converter's arguments and NIH's split lists."""
+  parser = common.argument_parser(__doc__)
+  parser.add_argument("--train-list", help="custom training list (with --test-list): one "
+                      "Image Index a line; replaces the official split")
+  parser.add_argument("--test-list", help="custom test list (with --train-list)")
+  parser.add_argument("--val-list", help="custom validation list (else carved from --train-list)")
+  parser.add_argument("--box-list", help="training images to mark for box supervision")
+  return parser
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   """Command-line entry point."""
-  args = common.argument_parser(__doc__).parse_args(argv)
+  parser = argument_parser()
+  args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   try:
     manifest = convert(args.src, args.out, image_size=args.image_size,
-                       val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
+                       val_fraction=args.val_fraction, seed=args.seed,
+                       train_list=args.train_list, test_list=args.test_list,
+                       val_list=args.val_list, box_list=args.box_list, workers=args.workers,
                        skip_bad=args.skip_bad, overwrite=args.overwrite)
+  except ListOptionsError as e:
+    parser.error(str(e))
   except (BadInputError, FileExistsError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from e
   counts = ", ".join(f"{s} {v['num_records']}" for s, v in manifest["splits"].items())

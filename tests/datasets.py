@@ -17,7 +17,8 @@ def png(array: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def example(i: int, size: int, num_labels: int = 14, with_extras: bool = True) -> tfrecord.CxrExample:
+def example(i: int, size: int, num_labels: int = 14, with_extras: bool = True,
+            box_supervised: bool = False) -> tfrecord.CxrExample:
   """Record i: its image encodes i, so a batch tells which records it holds."""
   rng = np.random.default_rng(i)
   image = rng.integers(0, 255, (size, size), dtype=np.uint8)
@@ -35,12 +36,13 @@ def example(i: int, size: int, num_labels: int = 14, with_extras: bool = True) -
       image=png(image), image_id=f"{i:08d}_000.png", patient_id=str(i // 2), study_id=str(i),
       view="PA", labels=vals, boxes=np.array([[0.6, 0.6, 0.9, 0.8]], np.float32),
       box_labels=np.array([5]), fine_labels=fine if with_extras else None,
-      anatomy=png(anatomy) if with_extras else None)
+      anatomy=png(anatomy) if with_extras else None, box_supervised=box_supervised)
 
 
 def write(out_dir, splits: dict[str, int], size: int = 32, with_extras: bool = True,
-          max_shard_bytes: int = 20_000) -> str:
-  """Writes a dataset with `splits` = {name: number of records}; record ids are global."""
+          max_shard_bytes: int = 20_000, box_supervised: frozenset[int] = frozenset()) -> str:
+  """Writes a dataset with `splits` = {name: number of records}; record ids are global, and those
+  in `box_supervised` are marked for box supervision."""
   start = 0
   with writer.DatasetWriter(
       out_dir, "toy", label_names=labels.NIH_LABELS, image_size=size, converter="tests",
@@ -49,7 +51,7 @@ def write(out_dir, splits: dict[str, int], size: int = 32, with_extras: bool = T
       anatomy_names=ANATOMY_NAMES if with_extras else (), max_shard_bytes=max_shard_bytes) as w:
     for split, count in splits.items():
       for i in range(start, start + count):
-        w.add(split, example(i, size, with_extras=with_extras))
+        w.add(split, example(i, size, with_extras=with_extras, box_supervised=i in box_supervised))
       start += count
   return str(out_dir)
 

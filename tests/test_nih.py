@@ -322,3 +322,171 @@ def test_command_line(src, tmp_path):
   assert f"{src / DATA_ENTRY}, row {row}: cannot read image" in done.stderr
   assert json.loads((out / "cxr_manifest.json").read_text()) == manifest
   assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+# Custom split lists in HAM's format: image-level (patients 2 and 5 have images in train and
+# test), two images listed nowhere, and the two images with boxes in BBox_List marked.
+CUSTOM_LISTS = dict(
+    train=["00000001_000.png", "00000001_001.png", "00000002_000.png", "00000003_000.png",
+           "00000004_000.png", "00000005_000.png", "00000006_000.png"],
+    test=["00000002_001.png", "00000005_001.png"],
+    box=["00000005_000.png", "00000006_000.png"],
+)
+UNLISTED = {"00000001_002.png", "00000004_001.png"}
+
+
+def write_lists(folder, lists):
+  """Writes each list as `<folder>/<name>.txt` (no newline after the last line); returns the
+  paths by name."""
+  folder.mkdir(exist_ok=True)
+  paths = {}
+  for name, image_ids in lists.items():
+    paths[name] = folder / f"{name}.txt"
+    paths[name].write_text("\n".join(image_ids))
+  return paths
+
+
+def convert_with_lists(src, out, paths, **kwargs):
+  return convert(src, out, **{f"{name}_list": str(path) for name, path in paths.items()}, **kwargs)
+
+
+def seed_carving_one_of(patients, protected, fraction):
+  """A seed whose carve of all `patients` would take one of `protected` into validation."""
+  return next(s for s in range(100)
+              if common.carve_by_patient(patients, fraction, s) & set(protected))
+
+
+def test_custom_lists_define_the_splits_and_mark_box_images(src, tmp_path):
+  paths = write_lists(tmp_path / "lists", CUSTOM_LISTS)
+  # Without the protection of box patients, this seed would carve patient 5 or 6 into val.
+  seed = seed_carving_one_of(["1", "2", "3", "4", "5", "6"], ["5", "6"], 0.25)
+  manifest = convert_with_lists(src, tmp_path / "out", paths, val_fraction=0.25, seed=seed)
+  records = read_all(tmp_path / "out")
+  ids = {split: {ex.image_id for ex in examples} for split, examples in records.items()}
+  assert ids["test"] == set(CUSTOM_LISTS["test"])
+  assert ids["train"] | ids["val"] == set(CUSTOM_LISTS["train"])
+  assert not UNLISTED & set().union(*ids.values())
+  val_patients = {ex.patient_id for ex in records["val"]}
+  assert val_patients == common.carve_by_patient(["1", "2", "3", "4"], 0.25, seed)
+  assert val_patients.isdisjoint({ex.patient_id for ex in records["train"]})
+
+  marked = {ex.image_id for examples in records.values() for ex in examples if ex.box_supervised}
+  assert marked == set(CUSTOM_LISTS["box"]) and marked <= ids["train"]
+  assert {s: v["num_box_supervised"] for s, v in manifest["splits"].items()} == {
+      "train": 2, "val": 0, "test": 0}
+  shared = {ex.patient_id for ex in records["train"]} & {ex.patient_id for ex in records["test"]}
+  assert "5" in shared
+  assert manifest["patients_in_train_and_test"] == len(shared)
+  assert manifest["unlisted"] == len(UNLISTED)
+  assert manifest["split_lists"] == {"train": "train.txt", "test": "test.txt"}
+  assert manifest["box_list"] == "box.txt"
+  assert (manifest["val_fraction"], manifest["seed"], manifest["val_patients"]) == (
+      0.25, seed, len(val_patients))
+  assert manifest["skipped"]["count"] == 0
+
+
+def test_val_list_replaces_the_carve(src, tmp_path):
+  lists = dict(CUSTOM_LISTS, val=["00000001_002.png", "00000004_001.png"])
+  manifest = convert_with_lists(src, tmp_path / "out", write_lists(tmp_path / "lists", lists),
+                                val_fraction=0.5)
+  records = read_all(tmp_path / "out")
+  for split in ("train", "val", "test"):
+    assert [ex.image_id for ex in records[split]] == sorted(lists[split]), split
+  assert manifest["split_lists"] == {"train": "train.txt", "test": "test.txt", "val": "val.txt"}
+  assert (manifest["val_fraction"], manifest["val_patients"], manifest["unlisted"]) == (None, 2, 0)
+
+
+def test_official_lists_without_a_box_list_mark_nothing(src, tmp_path):
+  manifest = convert(src, tmp_path / "out")
+  assert not any(ex.box_supervised for exs in read_all(tmp_path / "out").values() for ex in exs)
+  assert all(v["num_box_supervised"] == 0 for v in manifest["splits"].values())
+  assert manifest["split_lists"] == {"train_val": "train_val_list.txt", "test": "test_list.txt"}
+  assert (manifest["box_list"], manifest["unlisted"], manifest["patients_in_train_and_test"]) == (
+      None, 0, 0)
+
+
+def test_box_list_with_the_official_split_keeps_box_patients_in_train(tmp_path):
+  src = fx.write_nih(tmp_path / "src", extras=True)  # fine_labels.csv boxes 00000001_001
+  paths = write_lists(tmp_path / "lists", dict(box=["00000001_001.png"]))
+  seed = seed_carving_one_of(["1", "2", "3", "4"], ["1"], 0.25)
+  manifest = convert(src, tmp_path / "out", box_list=str(paths["box"]), val_fraction=0.25,
+                     seed=seed)
+  records = read_all(tmp_path / "out")
+  assert [ex.image_id for ex in records["train"] if ex.box_supervised] == ["00000001_001.png"]
+  assert not any(ex.box_supervised for split in ("val", "test") for ex in records[split])
+  assert {ex.patient_id for ex in records["val"]} == common.carve_by_patient(
+      ["2", "3", "4"], 0.25, seed)
+  assert manifest["splits"]["train"]["num_box_supervised"] == 1
+  assert manifest["box_list"] == "box.txt"
+
+
+# name: (list and image id appended to it, the error's reason with {list} paths, images left out)
+CUSTOM_BAD_INPUTS = {
+    "image in two lists": (
+        ("test", "00000003_000.png"), "also listed in {train} row 4", {"00000003_000.png"}),
+    "list entry not in Data_Entry": (
+        ("train", "00000099_000.png"), f"00000099_000.png is not in {{src}}/{DATA_ENTRY}", set()),
+    "box-list image in the test list": (
+        ("box", "00000005_001.png"), "is listed in {test} row 2, not in the training split", set()),
+    "box-list image in no list": (
+        ("box", "00000001_002.png"), "is in no split list, not in the training split", set()),
+    "box-list image without a box": (
+        ("box", "00000001_000.png"), "has no box in BBox_List_2017.csv", set()),
+}
+
+
+def _broken_lists(src, tmp_path, case):
+  (name, image_id), reason, left_out = CUSTOM_BAD_INPUTS[case]
+  lists = {key: list(ids) for key, ids in CUSTOM_LISTS.items()}
+  lists[name].append(image_id)
+  paths = write_lists(tmp_path / "lists", lists)
+  reason = reason.format(src=src, **paths)
+  return paths, paths[name], fx.line_of(paths[name], image_id), reason, left_out
+
+
+@pytest.mark.parametrize("case", list(CUSTOM_BAD_INPUTS))
+def test_bad_custom_list_raises_with_file_and_row(src, tmp_path, case):
+  paths, file, row, reason, _ = _broken_lists(src, tmp_path, case)
+  with pytest.raises(BadInputError) as error:
+    convert_with_lists(src, tmp_path / "out", paths)
+  assert (error.value.file, error.value.row) == (str(file), row)
+  assert f"{file}, row {row}: " in str(error.value) and reason in str(error.value)
+  assert sorted(os.listdir(tmp_path)) == ["lists", "src"]
+
+
+@pytest.mark.parametrize("case", list(CUSTOM_BAD_INPUTS))
+def test_skip_bad_custom_list_entry(src, tmp_path, case):
+  """A bad list entry is skipped and recorded; a bad box-list entry leaves its image unmarked."""
+  paths, file, row, reason, left_out = _broken_lists(src, tmp_path, case)
+  manifest = convert_with_lists(src, tmp_path / "out", paths, skip_bad=True)
+  [item] = manifest["skipped"]["items"]
+  assert (item["file"], item["row"]) == (str(file), row) and reason in item["reason"]
+  examples = [ex for exs in read_all(tmp_path / "out").values() for ex in exs]
+  listed = set(CUSTOM_LISTS["train"] + CUSTOM_LISTS["test"]) - left_out
+  assert sorted(ex.image_id for ex in examples) == sorted(listed)
+  assert {ex.image_id for ex in examples if ex.box_supervised} == set(CUSTOM_LISTS["box"])
+
+
+def test_train_and_test_lists_go_together(src, tmp_path):
+  paths = write_lists(tmp_path / "lists", CUSTOM_LISTS)
+  for given in (dict(train_list=str(paths["train"])), dict(test_list=str(paths["test"])),
+                dict(val_list=str(paths["train"]))):
+    with pytest.raises(nih.ListOptionsError, match="--(train|val)-list"):
+      convert(src, tmp_path / "out", **given)
+  assert sorted(os.listdir(tmp_path)) == ["lists", "src"]
+
+
+def test_command_line_split_lists(src, tmp_path, capsys):
+  paths = write_lists(tmp_path / "lists", CUSTOM_LISTS)
+  args = ["--src", str(src), "--out", str(tmp_path / "out"), "--image-size", str(SIZE),
+          "--workers", "1"]
+  with pytest.raises(SystemExit) as done:
+    nih.main(args + ["--train-list", str(paths["train"])])
+  assert done.value.code == 2
+  assert "--train-list and --test-list go together" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == ["lists", "src"]
+  nih.main(args + ["--train-list", str(paths["train"]), "--test-list", str(paths["test"]),
+                   "--box-list", str(paths["box"])])
+  manifest = writer.load_manifest(tmp_path / "out")
+  assert (manifest["split_lists"]["train"], manifest["box_list"]) == ("train.txt", "box.txt")
+  assert manifest["splits"]["train"]["num_box_supervised"] == 2

@@ -19,9 +19,13 @@ def data_config(**changes):
   return config
 
 
+MARKED = frozenset({2, 5, 11, 30})  # records marked box_supervised: three train, one val
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-  return datasets.write(tmp_path_factory.mktemp("data") / "ds", {"train": 24, "val": 11})
+  return datasets.write(tmp_path_factory.mktemp("data") / "ds", {"train": 24, "val": 11},
+                        box_supervised=MARKED)
 
 
 def spec(dataset, train=True, **changes):
@@ -128,6 +132,28 @@ def test_eval_padding_counts_each_example_once(dataset):
       seen += [i - 24 for i, v in zip(datasets.record_ids(batch), valid) if v]
   assert batches[0] == batches[1] == 3  # ceil(ceil(11 / 2) / 2)
   assert sorted(seen) == list(range(11))
+
+
+def test_box_supervised_flag_reaches_the_device_fields(dataset):
+  """Every example carries its record's flag as a float32 scalar, in training and evaluation."""
+  ds = pipeline.train_dataset(records.split_source(dataset, "train"), spec(dataset),
+                              global_batch=8, seed=1)
+  seen = []
+  for index in range(3):  # one epoch: every training record once
+    batch = ds[index]
+    device, host = pipeline.host_fields(batch)
+    assert device["box_supervised"].dtype == np.float32 and device["box_supervised"].shape == (8,)
+    assert "box_supervised" not in host
+    ids = datasets.record_ids(batch)
+    np.testing.assert_array_equal(device["box_supervised"], [float(i in MARKED) for i in ids])
+    seen += ids
+  assert MARKED & set(seen) == {2, 5, 11}
+  batch = next(pipeline.to_iterator(pipeline.eval_dataset(
+      records.split_source(dataset, "val"), spec(dataset, train=False), global_batch=12)))
+  valid = batch["valid"] > 0
+  ids = np.array(datasets.record_ids(batch))[valid]
+  np.testing.assert_array_equal(batch["box_supervised"][valid], [float(i in MARKED) for i in ids])
+  assert batch["box_supervised"].dtype == np.float32 and batch["box_supervised"][valid].sum() == 1
 
 
 def test_uncertainty_policies():

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from tensorflow_datasets.proto import tf_example_pb2
 
 import datasets
 from cxr_jax.data import augment, records, tfrecord, writer
@@ -16,9 +17,10 @@ TF_FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures
 
 
 def test_every_feature_round_trips():
-  ex = datasets.example(7, 16)
+  ex = datasets.example(7, 16, box_supervised=True)
   ex.labels[2] = np.nan
   back = tfrecord.parse(tfrecord.serialize(ex))
+  assert back.box_supervised is True
   assert back.image == ex.image and back.anatomy == ex.anatomy
   assert (back.image_id, back.patient_id, back.study_id, back.view) == (
       ex.image_id, ex.patient_id, ex.study_id, ex.view)
@@ -33,12 +35,23 @@ def test_optional_features_stay_absent():
   assert back.fine_labels is None and back.anatomy is None
 
 
+def test_box_supervised_is_always_written_and_absent_reads_false():
+  proto = tf_example_pb2.Example()
+  proto.ParseFromString(tfrecord.serialize(datasets.example(1, 8)))
+  assert list(proto.features.feature["box_supervised"].int64_list.value) == [0]
+  # A record of format version 2 or older: the same proto without the flag.
+  proto.ParseFromString(tfrecord.serialize(datasets.example(1, 8, box_supervised=True)))
+  del proto.features.feature["box_supervised"]
+  assert tfrecord.parse(proto.SerializeToString()).box_supervised is False
+
+
 def test_reads_records_written_by_tensorflow():
   expected = json.loads((TF_FIXTURES / "expected.json").read_text())
   path = TF_FIXTURES / "phantom-train.tfrecord-00000-of-00001"
   parsed = [tfrecord.parse(payload) for _, payload in tfrecord.iter_records(path)]
   assert len(parsed) == len(expected["records"])
   for ex, want in zip(parsed, expected["records"]):
+    assert ex.box_supervised is False  # written before the flag existed
     assert (ex.image_id, ex.patient_id, ex.study_id, ex.view) == (
         want["image_id"], want["patient_id"], want["study_id"], want["view"])
     np.testing.assert_array_equal(
@@ -97,7 +110,33 @@ def test_writer_shards_manifest_and_tfds_metadata(tmp_path):
   import tensorflow_datasets as tfds
   info = tfds.builder_from_directory(out).info
   assert info.splits["train"].num_examples == 12 and info.splits["test"].num_examples == 3
-  assert set(info.features.keys()) >= {"image", "labels", "box", "fine_labels", "anatomy"}
+  assert set(info.features.keys()) >= {"image", "labels", "box", "fine_labels", "anatomy",
+                                       "box_supervised"}
+  flag = info.features["box_supervised"]
+  assert (flag.np_dtype, flag.shape) == (np.int64, ())
+
+
+def test_writer_counts_box_supervised_records(tmp_path):
+  out = datasets.write(tmp_path / "ds", {"train": 6, "test": 2}, box_supervised=frozenset({1, 4, 5}))
+  manifest = writer.load_manifest(out)
+  assert manifest["format_version"] == writer.FORMAT_VERSION == 3
+  assert {s: v["num_box_supervised"] for s, v in manifest["splits"].items()} == {
+      "train": 3, "test": 0}
+  train = [tfrecord.parse(payload) for shard in manifest["splits"]["train"]["shards"]
+           for _, payload in tfrecord.iter_records(os.path.join(out, shard["file"]))]
+  marked = [ex.image_id for ex in train if ex.box_supervised]
+  assert marked == ["00000001_000.png", "00000004_000.png", "00000005_000.png"]
+
+
+def test_writer_refuses_box_supervised_without_boxes(tmp_path):
+  ex = datasets.example(3, 8, with_extras=False, box_supervised=True)
+  ex.boxes, ex.box_labels = np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+  with pytest.raises(ValueError, match="example '00000003_000.png': marked box_supervised but has "
+                     "no boxes"):
+    with writer.DatasetWriter(tmp_path / "ds", "toy", label_names=["a"] * 14, image_size=8,
+                              converter="t", converter_version="0", source="s") as w:
+      w.add("train", ex)
+  assert os.listdir(tmp_path) == []
 
 
 def test_writer_leaves_nothing_when_interrupted(tmp_path):

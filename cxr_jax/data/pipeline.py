@@ -32,7 +32,8 @@ from cxr_jax.data import augment, labels as labels_lib, records, tfrecord
 
 
 # Batch fields a method may ask for besides the image (`cxr_jax.methods.Method.inputs`).
-INPUTS = ("anatomy", "boxes", "box_labels", "fine_labels", "fine_label_mask", "labels", "label_mask")
+INPUTS = ("anatomy", "boxes", "box_labels", "box_supervised", "fine_labels", "fine_label_mask",
+          "labels", "label_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,7 @@ def make_example(payload: bytes, spec: ExampleSpec, rng: np.random.Generator | N
   targets, mask = labels_lib.apply_policy(ex.labels, np.asarray(spec.policy_codes))
   out = dict(image=image[..., None], labels=targets, label_mask=mask,
              **_pad_boxes(boxes, box_labels, spec.max_boxes, ex.image_id),
+             box_supervised=np.float32(ex.box_supervised),
              image_id=ex.image_id, patient_id=ex.patient_id)
   if spec.num_fine:
     # Fine labels have no uncertainty policy: -1, like NaN, is masked out.

@@ -15,6 +15,8 @@ Feature keys (DESIGN.md section 3):
     labels       float   one per label: 1 positive, 0 negative, -1 uncertain, NaN unknown
     box/label    int64   label index of each box
     box/xmin, box/ymin, box/xmax, box/ymax   float, normalised to [0, 1]
+    box_supervised   int64   1 when the boxes may train a box term (HAM's "helper" images), else 0;
+                             absent in records of format version 2 and older, read as 0
     fine_labels  float   optional, one per location-aware label ("Nodule|left|lower")
     anatomy      bytes   optional, PNG label map the size of the image
 """
@@ -58,6 +60,7 @@ class CxrExample:
   box_labels: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))
   fine_labels: np.ndarray | None = None
   anatomy: bytes | None = None
+  box_supervised: bool = False
 
 
 def masked_crc(data: bytes) -> int:
@@ -84,6 +87,7 @@ def serialize(ex: CxrExample) -> bytes:
   feature["box/label"].int64_list.value.extend(np.asarray(ex.box_labels, np.int64).tolist())
   for column, key in enumerate(BOX_KEYS):
     feature[key].float_list.value.extend(boxes[:, column].tolist())
+  feature["box_supervised"].int64_list.value.append(int(ex.box_supervised))
   if ex.fine_labels is not None:
     feature["fine_labels"].float_list.value.extend(np.asarray(ex.fine_labels, np.float32).tolist())
   if ex.anatomy is not None:
@@ -120,6 +124,9 @@ def parse(payload: bytes) -> CxrExample:
       box_labels=box_labels,
       fine_labels=floats("fine_labels") if "fine_labels" in feature else None,
       anatomy=feature["anatomy"].bytes_list.value[0] if "anatomy" in feature else None,
+      # Records of format version 2 and older have no flag: none of them was marked.
+      box_supervised=(bool(feature["box_supervised"].int64_list.value[0])
+                      if "box_supervised" in feature else False),
   )
 
 

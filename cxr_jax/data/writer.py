@@ -4,7 +4,8 @@ Layout of a prepared dataset folder:
 
     <name>-<split>.tfrecord-00000-of-000NN   shards of at most `max_shard_bytes` each
     cxr_manifest.json                        label names, per-split and per-shard record counts,
-                                             per-split label value counts, sha256 per shard,
+                                             per-split label value counts, box counts and
+                                             box-supervised record counts, sha256 per shard,
                                              converter and version, image size, skipped inputs
     dataset_info.json, features.json         TFDS metadata (TFDS owns these names), so that
                                              `tfds.builder_from_directory(DIR).info` works without TF
@@ -30,7 +31,8 @@ from cxr_jax.data import tfrecord
 
 MANIFEST = "cxr_manifest.json"
 # 2: per-split label value counts (`label_counts`, `fine_label_counts`) and box counts.
-FORMAT_VERSION = 2
+# 3: the box_supervised flag and per-split num_box_supervised.
+FORMAT_VERSION = 3
 DEFAULT_MAX_SHARD_BYTES = 256 << 20
 
 
@@ -99,6 +101,7 @@ class DatasetWriter:
     self._labels: dict[str, list[np.ndarray]] = {}
     self._fine_labels: dict[str, list[np.ndarray]] = {}
     self._num_boxes: dict[str, int] = {}
+    self._num_box_supervised: dict[str, int] = {}
     self._skipped: list[dict[str, Any]] = []
 
   def __enter__(self) -> "DatasetWriter":
@@ -140,6 +143,8 @@ class DatasetWriter:
     shards[-1].write(record)
     self._labels.setdefault(split, []).append(np.asarray(ex.labels, np.float32))
     self._num_boxes[split] = self._num_boxes.get(split, 0) + len(np.asarray(ex.boxes).reshape(-1, 4))
+    self._num_box_supervised[split] = (self._num_box_supervised.get(split, 0)
+                                       + int(ex.box_supervised))
     if ex.fine_labels is not None:
       self._fine_labels.setdefault(split, []).append(np.asarray(ex.fine_labels, np.float32))
 
@@ -163,6 +168,8 @@ class DatasetWriter:
     if len(boxes) and not (np.all(boxes >= 0) and np.all(boxes <= 1)
                            and np.all(boxes[:, 2:] >= boxes[:, :2])):
       raise ValueError(f"{where}: boxes must be normalised xmin<=xmax, ymin<=ymax in [0, 1]")
+    if ex.box_supervised and not len(boxes):
+      raise ValueError(f"{where}: marked box_supervised but has no boxes")
 
   def _commit(self) -> dict[str, Any]:
     """Names the shards and writes the manifest and TFDS metadata; returns the manifest's splits."""
@@ -176,7 +183,8 @@ class DatasetWriter:
                             num_bytes=shard.num_bytes, sha256=shard.sha256.hexdigest()))
       splits[split] = dict(num_records=sum(e["num_records"] for e in entries), shards=entries,
                            label_counts=count_values(self._labels[split]),
-                           num_boxes=self._num_boxes[split])
+                           num_boxes=self._num_boxes[split],
+                           num_box_supervised=self._num_box_supervised[split])
       if split in self._fine_labels:
         splits[split]["fine_label_counts"] = count_values(self._fine_labels[split])
     manifest = dict(self.meta, splits=splits,
@@ -199,6 +207,7 @@ def tfds_features(num_labels: int, num_fine: int, has_anatomy: bool):
       box=F.FeaturesDict(dict(
           label=F.Tensor(shape=(None,), dtype=np.int64),
           **{k.split("/")[1]: F.Tensor(shape=(None,), dtype=np.float32) for k in tfrecord.BOX_KEYS})),
+      box_supervised=F.Scalar(dtype=np.int64),
   )
   if num_fine:
     features["fine_labels"] = F.Tensor(shape=(num_fine,), dtype=np.float32)
