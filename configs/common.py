@@ -65,7 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
       name="densenet121", remat=False,
       growth_rate=config_dict.placeholder(int), block_config=config_dict.placeholder(tuple),
       num_init_features=config_dict.placeholder(int), bn_size=config_dict.placeholder(int),
-      stage_sizes=config_dict.placeholder(tuple), output_stride=config_dict.placeholder(int)))
+      stage_sizes=config_dict.placeholder(tuple), output_stride=config_dict.placeholder(int),
+      width=config_dict.placeholder(int)))
   c.model.dropout = 0.0
   c.model.normalization = "imagenet"  # a preset of cxr_jax.layers.PRESETS
   c.model.channels = 3  # grayscale replicated to 3 channels for ImageNet stems

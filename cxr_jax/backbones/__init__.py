@@ -24,7 +24,7 @@ ARCHITECTURES = {
 # Fields a config may override, per module class (besides `dtype` and `remat`).
 OVERRIDES = {
     DenseNet: ("growth_rate", "block_config", "num_init_features", "bn_size"),
-    ResNet: ("stage_sizes", "output_stride"),
+    ResNet: ("stage_sizes", "output_stride", "width"),
 }
 
 

@@ -109,6 +109,8 @@ class ResNet(nn.Module):
     stage_sizes: number of blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
     block: "basic" (ResNet-18/34) or "bottleneck" (ResNet-50).
     output_stride: 32, 16 or 8 (see the module docstring).
+    width: channels of the stem and of stage 1's 3x3 convs, doubling per stage (torchvision: 64);
+      narrower ResNets train on the phantom on a CPU.
     dtype: compute dtype; parameters stay float32.
     remat: recompute each block in the backward pass instead of storing its activations.
   """
@@ -116,6 +118,7 @@ class ResNet(nn.Module):
   stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
   block: str = "bottleneck"
   output_stride: int = 32
+  width: int = 64
   dtype: Any = jnp.float32
   remat: bool = False
 
@@ -126,13 +129,13 @@ class ResNet(nn.Module):
       raise ValueError(f"output_stride must be one of {sorted(STAGE_GEOMETRY)}, got {self.output_stride}")
     if self.block not in EXPANSION:
       raise ValueError(f"block must be one of {sorted(EXPANSION)}, got {self.block!r}")
-    x = layers.conv(64, 7, stride=2, padding=3, dtype=self.dtype, kernel_init=_KERNEL_INIT, name="conv1")(x)
+    x = layers.conv(self.width, 7, stride=2, padding=3, dtype=self.dtype, kernel_init=_KERNEL_INIT, name="conv1")(x)
     x = nn.relu(layers.BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     stages = {}
     geometry = STAGE_GEOMETRY[self.output_stride]
     for i, (num_blocks, (stride, dilation)) in enumerate(zip(self.stage_sizes, geometry)):
-      x = _Stage(self.block, 64 * 2**i, num_blocks, stride, dilation, train, self.dtype, self.remat,
+      x = _Stage(self.block, self.width * 2**i, num_blocks, stride, dilation, train, self.dtype, self.remat,
                  name=f"layer{i + 1}")(x)
       stages[f"C{i + 2}"] = x
     return stages

@@ -132,20 +132,20 @@ class ResNet(nn.Module):
   """torchvision's ResNet without `fc`; forward returns C2..C5 like `cxr_jax.backbones.ResNet`."""
 
   def __init__(self, stage_sizes: tuple[int, ...] = (3, 4, 6, 3), block: str = "bottleneck",
-               output_stride: int = 32, in_channels: int = 3):
+               output_stride: int = 32, width: int = 64, in_channels: int = 3):
     super().__init__()
-    self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-    self.bn1 = nn.BatchNorm2d(64)
+    self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
     self.relu = nn.ReLU()
     self.maxpool = nn.MaxPool2d(3, 2, padding=1)
-    channels = 64
+    channels = width
     geometry = flax_resnet.STAGE_GEOMETRY[output_stride]
     for i, (num_blocks, (stride, dilation)) in enumerate(zip(stage_sizes, geometry)):
-      width = 64 * 2**i
+      stage_width = width * 2**i
       blocks = []
       for j in range(num_blocks):
-        blocks.append(_Block(block, channels, width, stride if j == 0 else 1, dilation))
-        channels = width * flax_resnet.EXPANSION[block]
+        blocks.append(_Block(block, channels, stage_width, stride if j == 0 else 1, dilation))
+        channels = stage_width * flax_resnet.EXPANSION[block]
       setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
     self.num_stages = len(stage_sizes)
     self.out_channels = channels
