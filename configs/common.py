@@ -39,7 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.dtype = "float32"  # compute dtype; params and optimizer state stay float32
   # torchvision ImageNet weights (.pth, .safetensors or .npz): one file for every backbone of the
-  # method, or per backbone "branch_a=a.pth,branch_b=b.pth" (names: the method's `backbones`).
+  # method, or per backbone "branch_a=a.pth,branch_b=b.pth" (names: the method's `backbones`);
+  # or "model=PATH": every variable from a whole-model state_dict in the method's torch names (an
+  # export's model.safetensors, or the HAM authors' checkpoints, `module.model.` keys).
   c.init_from = ""
 
   c.data = ml_collections.ConfigDict()

@@ -5,11 +5,12 @@
       --batch 16 --steps 20 --warmup 10 --torch --output bench.jsonl
 
 Prints one JSON line per invocation (one setting). The batch is synthetic: uint8 images of the
-config's size, random labels and fine labels, every label known, random anatomy maps and a box,
-so every method finds its inputs; it is placed on the devices once, so this times
-the step alone (the input pipeline has its own benchmark, `cxr_jax.data.throughput`). The step is
-the trainer's: `steps.make_train_step` with the config's model, loss and optimizer, jitted, sharded
-over every local device, state donated. Fields of the `jax` part:
+config's size, random labels and fine labels, every label known, random anatomy maps, and a box
+on every image, each marked for box supervision (so HAM's box term runs): every method finds its
+inputs. It is placed on the devices once, so this times the step alone (the input pipeline has
+its own benchmark, `cxr_jax.data.throughput`). The step is the trainer's:
+`steps.make_train_step` with the config's model, loss and optimizer, jitted, sharded over every
+local device, state donated. Fields of the `jax` part:
 
   lower_s, compile_s    tracing + lowering, and XLA compilation (autotuning included on GPU)
   first_step_s          the first call of the compiled step
@@ -145,7 +146,8 @@ def synthetic_manifest(global_batch: int) -> dict[str, Any]:
 def synthetic_batch(global_batch: int, image_size: int, manifest: Mapping[str, Any],
                     seed: int = 0) -> dict[str, np.ndarray]:
   """A host batch with every field the pipeline makes (so every method finds its inputs):
-  uint8 images, random 0/1 labels and fine labels with full masks, random anatomy ids, one box."""
+  uint8 images, random 0/1 labels and fine labels with full masks, random anatomy ids, one box,
+  every image marked for box supervision."""
   rng = np.random.default_rng(seed)
   b, size = global_batch, image_size
   num_labels, num_fine = len(manifest["label_names"]), len(manifest["fine_label_names"])
@@ -158,7 +160,8 @@ def synthetic_batch(global_batch: int, image_size: int, manifest: Mapping[str, A
       fine_label_mask=np.ones((b, num_fine), np.float32),
       anatomy=rng.integers(0, len(manifest["anatomy_names"]), (b, size, size), dtype=np.uint8),
       boxes=np.concatenate([corner, corner + 0.4], axis=-1).astype(np.float32),
-      box_labels=rng.integers(0, num_labels, (b, 1)).astype(np.int32))
+      box_labels=rng.integers(0, num_labels, (b, 1)).astype(np.int32),
+      box_supervised=np.ones((b,), np.float32))
 
 
 def time_steps(step: Callable[[], Any], *, steps: int, warmup: int) -> dict[str, float]:

@@ -164,33 +164,44 @@ def assemble(config: ml_collections.ConfigDict, manifest: dict[str, Any]) -> Run
   return Run(config, manifest, mesh, method, task, model, tx, schedule)
 
 
-def pretrained_files(init_from: str, backbones: Sequence[str]) -> dict[str, str]:
-  """`config.init_from` as {backbone subtree: weights file}.
+WHOLE_MODEL = "model"  # `config.init_from=model=PATH`: every variable, not a backbone
 
-  One path loads every backbone of the method; `name=path,name=path` loads each named one.
+
+def pretrained_files(init_from: str, backbones: Sequence[str]) -> dict[str, str]:
+  """`config.init_from` as {backbone subtree or WHOLE_MODEL: weights file}.
+
+  One path loads every backbone of the method; `name=path,name=path` loads each named one;
+  `model=path` loads the whole model from a state_dict in the method's torch names.
   """
   if not init_from:
     return {}
   if "=" not in init_from:
     return {name: init_from for name in backbones}
   files = dict(item.split("=", 1) for item in init_from.split(",") if item)
-  unknown = sorted(set(files) - set(backbones))
+  unknown = sorted(set(files) - set(backbones) - {WHOLE_MODEL})
   if unknown:
     raise ValueError(f"config.init_from names {unknown}, which are not backbones of "
-                     f"{list(backbones)}")
+                     f"{list(backbones)} (or {WHOLE_MODEL!r}, the whole model)")
+  if WHOLE_MODEL in files and len(files) > 1:
+    raise ValueError(f"config.init_from={init_from!r}: {WHOLE_MODEL}=PATH loads every variable, "
+                     "so it takes no backbone files besides")
   return files
 
 
 def initial_state(run: Run, example: dict[str, np.ndarray]) -> steps.TrainState:
-  """A fresh sharded state; backbones come from `config.init_from` when set."""
+  """A fresh sharded state; backbones, or the whole model, come from `config.init_from` when set."""
   config, variables = run.config, None
   backbone_configs = dict(run.method.backbones)
   files = pretrained_files(config.init_from, list(backbone_configs))
   if files:
-    from cxr_jax.interop import convert  # pylint: disable=g-import-not-at-top  (needs no torch for .safetensors)
+    from cxr_jax.interop import convert, registry  # pylint: disable=g-import-not-at-top  (needs no torch for .safetensors)
     variables = steps.init_variables(run.model, config, jax.random.PRNGKey(config.seed), example,
                                      run.method)
     for scope, path in files.items():
+      if scope == WHOLE_MODEL:
+        variables = convert.load_model(path, variables, registry.torch_names(config))
+        logging.info("init_from %s: every variable of the model", path)
+        continue
       variables, report = convert.load_pretrained(
           path, variables, config_utils.get(config, backbone_configs[scope]), scope=scope)
       logging.info("init_from %s into %s:\n%s", path, scope, report)

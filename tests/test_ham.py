@@ -22,7 +22,7 @@ from parity import assert_close_to_scale, relative_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "..", "shared", "fixtures", "ham_reference", "reference.json")
-CONFIG = {"model": {"backbone": {"name": "resnet50"}}}
+CONFIG = {"model": {"backbone": {"name": "resnet50"}, "dropout": 0.1}}  # HAM's model fields
 # float64 agreement, relative to each tensor's largest value: room above what float64 rounding
 # leaves after ~60 layers with values up to ~1e3 (measured: <= 3e-14; 5e-13 for the refined
 # abnormality map, which the slope-100 sigmoid amplifies).
@@ -281,19 +281,49 @@ def test_lse_grad_cam_is_the_cam_after_min_max():
 
 def test_ham_trains_and_evaluates_through_the_platform(tmp_path):
   """`config.model.name=ham` through the trainer and the evaluators: all five loss terms logged,
-  its raw CAMs scored by both localization protocols."""
-  import datasets  # pylint: disable=g-import-not-at-top
-  from cxr_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  the box term on the marked training records only, its raw CAMs scored by both localization
+  protocols. Then weight exchange: the export loads strictly into the torch mirror (the authors'
+  keys), and a checkpoint saved the authors' way (`module.model.` keys, a `.pth`) initialises a
+  new run with exactly the trained variables (`init_from=model=PATH`)."""
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
 
-  data_dir = datasets.write(tmp_path / "data", {"train": 16, "val": 8, "test": 8})
+  import datasets  # pylint: disable=g-import-not-at-top
+  from cxr_jax import evaluate, experiment, export, train  # pylint: disable=g-import-not-at-top
+  from cxr_jax.interop import registry  # pylint: disable=g-import-not-at-top
+
+  data_dir = datasets.write(tmp_path / "data", {"train": 16, "val": 8, "test": 8},
+                            box_supervised=frozenset(range(0, 16, 2)))
   config = datasets.tiny_config(data_dir, steps=2, eval_every=2)
   config.model.name = "ham"
+  config.model.dropout = 0.1
   config.model.backbone.update(name="resnet50", growth_rate=None, block_config=None,
-                               num_init_features=None, bn_size=None, stage_sizes=(1, 1, 1, 1))
+                               num_init_features=None, bn_size=None, stage_sizes=(1, 1, 1, 1),
+                               width=8)
   config.checkpoint.every = 2
   config.eval.evaluators = "classification,ham_localization,wang_localization"
   last = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert set(ham.LOSS_WEIGHTS) <= set(last["train"]) and set(ham.LOSS_WEIGHTS) <= set(last["val"])
-  assert last["train"]["ex_loss"] == 0  # no record is marked for box supervision
+  assert last["train"]["ex_loss"] > 0  # half the training records are marked
+  assert last["val"]["ex_loss"] == 0  # no validation record is
   result = evaluate.evaluate(str(tmp_path / "run"), "test", "latest", n_boot=0)
   assert result["localization"]["ham_localization"]["classes"]["Nodule"]["n_pairs"] == 8
+
+  export.export(str(tmp_path / "run"), str(tmp_path / "torch"), "latest")
+  exported = safetensors.torch.load_file(str(tmp_path / "torch" / export.WEIGHTS))
+  run, trained, _ = experiment.restore_for_inference(str(tmp_path / "run"), "latest")
+  mirror = registry.build_mirror(run.config, run.task)
+  mirror.load_state_dict(exported, strict=True)
+  authors = tmp_path / "ham_best_auc.pth"
+  torch.save({f"module.model.{k}": v for k, v in mirror.state_dict().items()}, authors)
+  run.config.init_from = f"model={authors}"
+  example = experiment.example_batch(experiment.local_examples(
+      run.config, run.manifest, run.method, "val"))
+  loaded = experiment.initial_state(run, example)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params),
+               jax.device_get(trained.params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.batch_stats),
+               jax.device_get(trained.batch_stats))
+  torch.save({f"module.model.{k}": v for k, v in list(mirror.state_dict().items())[1:]}, authors)
+  with pytest.raises(ValueError, match=r"after removing the prefix 'module.model.'.*missing keys \(1\)"):
+    experiment.initial_state(run, example)

@@ -40,7 +40,8 @@ def reference():
 
 
 def config(backbone, dtype="float32"):
-  return {"model": {"name": "ham", "backbone": backbone, "channels": 3}, "dtype": dtype}
+  return {"model": {"name": "ham", "backbone": backbone, "channels": 3, "dropout": 0.1},
+          "dtype": dtype}
 
 
 def task(num_classes):
@@ -184,17 +185,22 @@ def test_torch_ham_losses_equal_flax_with_box_supervision():
 
 
 def test_registry_loss_equals_flax_with_the_batch_adapter():
-  """`loss` on a batch: labels = target * mask, no box supervision (ex_loss 0)."""
+  """The torch `loss` on a pipeline batch equals flax's `ham.loss`: labels = target * mask, box
+  masks drawn from the boxes of the marked records, padding left out."""
   outputs, targets = loss_inputs(seed=3)
-  mask = (np.random.default_rng(4).uniform(size=targets.shape) < 0.8).astype(np.float32)
+  rng = np.random.default_rng(4)
+  mask = (rng.uniform(size=targets.shape) < 0.8).astype(np.float32)
+  corner = rng.uniform(0, 0.6, (4, 2, 2))
+  batch = dict(labels=targets, label_mask=mask,
+               boxes=np.concatenate([corner, corner + 0.35], axis=-1).astype(np.float32),
+               box_labels=np.array([[1, 3], [0, -1], [2, 2], [4, -1]], np.int32),
+               box_supervised=np.array([1, 0, 1, 1], np.float32))
   weight = np.array([1, 1, 0, 1], np.float32)
-  labels = targets * mask
-  expected = ham.ham_losses({k: jnp.asarray(v) for k, v in outputs.items()}, labels,
-                            np.zeros_like(outputs["refined_cams"]), np.zeros(4, np.float32), labels,
-                            weight)
   cfg = config(SMALL)
-  batch = {"labels": torch.from_numpy(targets), task(5).mask_key: torch.from_numpy(mask)}
-  actual = registry.torch_loss(cfg)({k: torch.from_numpy(v) for k, v in outputs.items()}, batch,
+  expected = ham.loss({k: jnp.asarray(v) for k, v in outputs.items()}, batch, task=task(5),
+                      config=cfg, weight=weight)
+  actual = registry.torch_loss(cfg)({k: torch.from_numpy(v) for k, v in outputs.items()},
+                                    {k: torch.from_numpy(v) for k, v in batch.items()},
                                     task=task(5), config=cfg, weight=torch.from_numpy(weight))
-  assert float(actual[1]["ex_loss"]) == 0
+  assert float(actual[1]["ex_loss"]) > 0
   check_terms(actual, expected)

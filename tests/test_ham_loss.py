@@ -21,6 +21,7 @@ import test_ham
 from cxr_jax import methods
 from cxr_jax.interop import convert
 from cxr_jax.methods import ham
+from cxr_jax.metrics import localization
 from parity import assert_close_to_scale
 
 FIXTURE = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ham_reference"
@@ -217,6 +218,72 @@ def test_box_term_only_counts_marked_images():
   assert float(ham.box_loss(miss, helper=np.zeros(1), **args)) == 0
   np.testing.assert_allclose(ham.box_loss(miss, helper=np.ones(1), **args), 1.0, rtol=1e-6)
   assert float(ham.box_loss(box, helper=np.ones(1), **args)) == 0
+
+
+def pipeline_batch(box_supervised, size=16):
+  """A batch as the pipeline makes it: image 0 has two class-1 boxes and a padded slot, image 1
+  a class-0 box with edges off the pixel grid; every label known."""
+  boxes = np.array([[[0.25, 0.25, 0.5, 0.5], [0.6, 0.55, 0.9, 0.8], [0, 0, 0, 0]],
+                    [[0.13, 0.31, 0.47, 0.72], [0, 0, 0, 0], [0, 0, 0, 0]]], np.float32)
+  return dict(boxes=boxes, box_labels=np.array([[1, 1, -1], [0, -1, -1]], np.int32),
+              box_supervised=np.asarray(box_supervised, np.float32),
+              labels=np.array([[0, 1, 0], [1, 0, 1]], np.float32), label_mask=np.ones((2, 3), np.float32))
+
+
+def test_box_masks_are_the_evaluators_box_masks():
+  """Training masks cover exactly the pixels `localization.box_mask` gives each class's boxes."""
+  batch = pipeline_batch([1, 1])
+  masks = np.asarray(ham.box_masks(batch["boxes"], batch["box_labels"], 3, 16))
+  for b in range(2):
+    for k in range(3):
+      want = localization.box_mask(batch["boxes"][b][batch["box_labels"][b] == k], 16)
+      np.testing.assert_array_equal(masks[b, :, :, k], want, err_msg=f"image {b} class {k}")
+  # Two boxes: 4 x 4 pixels, and 6 x 5 as its off-grid edges take every pixel they touch.
+  assert masks[0, :, :, 1].sum() == 4 * 4 + 6 * 5
+
+
+def test_method_loss_box_term_reads_the_marked_records():
+  """Through `ham.loss` on a pipeline batch: the box term is 0 when no record is marked, and a
+  marked image whose map misses its boxes gives ~1 (a soft Dice of 0); hitting them gives 0."""
+  task = methods.Task(target="labels", class_names=("a", "b", "c"))
+  batch = pipeline_batch([0, 0])
+  masks = np.asarray(ham.box_masks(batch["boxes"], batch["box_labels"], 3, 16))
+  rng = np.random.default_rng(0)
+  outputs = dict(logits=rng.normal(size=(2, 3)), abnormality_logit=rng.normal(size=(2,)),
+                 cams=rng.uniform(size=(2, 4, 4, 3)), abnormality_cam=rng.uniform(size=(2, 4, 4, 1)))
+  config = {"loss": {}}
+
+  def ex_loss(refined, marked):
+    _, terms = ham.loss({**outputs, "refined_cams": refined}, {**batch, "box_supervised": marked},
+                        task=task, config=config, weight=np.ones(2))
+    return float(terms["ex_loss"])
+
+  assert ex_loss(1 - masks, np.zeros(2)) == 0
+  np.testing.assert_allclose(ex_loss(1 - masks, np.array([1.0, 0.0])), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(ex_loss(1 - masks, np.array([0.0, 1.0])), 1.0, rtol=1e-6)
+  assert ex_loss(masks, np.ones(2)) == 0
+  # Padding (weight 0) removes a marked image from the term.
+  _, terms = ham.loss({**outputs, "refined_cams": 1 - masks}, {**batch, "box_supervised": np.ones(2)},
+                      task=task, config=config, weight=np.array([1.0, 0.0]))
+  np.testing.assert_allclose(float(terms["ex_loss"]), 1.0, rtol=1e-6)
+
+
+def test_method_loss_weights_come_from_the_config(reference, loss_inputs):
+  """`config.loss.ham_weights` sets each term's weight (the ablations zero bound and union)."""
+  task = methods.Task(target="labels", class_names=tuple("abcde"))
+  batch = pipeline_batch([1, 1])
+  rng = np.random.default_rng(1)
+  outputs = dict(logits=rng.normal(size=(2, 5)), abnormality_logit=rng.normal(size=(2,)),
+                 cams=rng.uniform(size=(2, 4, 4, 5)), abnormality_cam=rng.uniform(size=(2, 4, 4, 1)),
+                 refined_cams=rng.uniform(size=(2, 16, 16, 5)))
+  batch.update(labels=np.array([[1, 1, 0, 0, 1], [0, 1, 1, 0, 0]], np.float32),
+               label_mask=np.ones((2, 5), np.float32))
+  weights = dict(ham.LOSS_WEIGHTS, bound_loss=0.0, union_loss=0.0, ex_loss=2.0)
+  total, terms = ham.loss(outputs, batch, task=task, config={"loss": {"ham_weights": weights}},
+                          weight=np.ones(2))
+  assert all(float(terms[name]) > 0 for name in ("ex_loss", "bound_loss", "union_loss"))
+  want = sum(weights[name] * float(value) for name, value in terms.items())
+  np.testing.assert_allclose(float(total), want, rtol=1e-6)
 
 
 def test_padded_examples_count_in_no_term(reference, loss_inputs):

@@ -318,6 +318,40 @@ def rename_legacy(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[s
   return renamed, changed
 
 
+# Wrappers whose prefix a whole-model checkpoint may carry: torch's DataParallel (`module.`) and
+# HAM's `AttentionNet`, which holds the network as `model` (its checkpoints: `module.model.`).
+WRAPPER_PREFIXES = ("module.", "model.")
+
+
+def strip_wrappers(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+  """Removes, in turn, each of WRAPPER_PREFIXES that every key carries; returns the state_dict
+  and the prefix removed ("" for none)."""
+  removed = ""
+  for prefix in WRAPPER_PREFIXES:
+    if state_dict and all(key.startswith(prefix) for key in state_dict):
+      state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+      removed += prefix
+  return dict(state_dict), removed
+
+
+def load_model(path: str | os.PathLike, variables: Mapping[str, Any], names: TorchNames
+               ) -> dict[str, Any]:
+  """Every variable of a model from a whole-model state_dict file in the method's torch names
+  (`config.init_from=model=PATH`): our exports, or the authors' checkpoints, their wrapper
+  prefixes (`module.model.`) removed. Strict, like `from_state_dict`; values take the dtypes of
+  `variables`.
+
+  Raises:
+    ValueError: naming the file and listing every missing, mismatched and unused key.
+  """
+  state_dict, removed = strip_wrappers(load_state_dict_file(path))
+  try:
+    return from_state_dict(state_dict, variables, names)
+  except ValueError as e:
+    stripped = f" (after removing the prefix {removed!r})" if removed else ""
+    raise ValueError(f"{os.fspath(path)}{stripped}: {e}") from None
+
+
 @dataclasses.dataclass
 class LoadReport:
   """What `load_pretrained` did; `str()` gives the summary the trainer prints."""

@@ -17,6 +17,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from cxr_jax.interop import torch_modules
+from cxr_jax.metrics import localization
 from cxr_jax.methods import ham
 
 
@@ -76,23 +77,32 @@ def refine_cams(maps, size):
   return torch.sigmoid(ham.CAM_W * (normalized - ham.CAM_SIGMA))
 
 
+def pool(x, pooling: str, lse_r: float):
+  """`ham.pool` on (B, C, H, W) -> (B, C)."""
+  return lse_pool(x, lse_r) if pooling == "lse" else x.mean(dim=(2, 3))
+
+
 class HAM(torch_modules.ResNet):
   """`ham.Model` in torch: forward(x NCHW) returns its outputs by name, maps NHWC as in flax."""
 
-  def __init__(self, num_classes: int, fa_features: int = 512, head_features: int = 512,
-               dropout: float = 0.1, **backbone):
+  def __init__(self, num_classes: int, fa: bool = True, fa_features: int = 512,
+               head_features: int = 512, dropout: float = 0.1, pooling: str = "lse",
+               lse_r: float = ham.LSE_R, **backbone):
     super().__init__(**backbone)
-    self.fa_layer = FAModule(self.out_channels, fa_features)
+    self.fa_layer = FAModule(self.out_channels, fa_features) if fa else None
     self.cls_head = nn.Sequential(
-        nn.Conv2d(self.out_channels + fa_features, head_features, 3, padding=1, bias=False),
+        nn.Conv2d(self.out_channels + (fa_features if fa else 0), head_features, 3, padding=1,
+                  bias=False),
         nn.BatchNorm2d(head_features), nn.ReLU(), nn.Dropout2d(dropout))
     self.anomaly_fc = nn.Linear(head_features, 1, bias=False)
     self.cls_fc = nn.Linear(head_features, num_classes, bias=False)
+    self.pooling, self.lse_r = pooling, lse_r
 
   def forward(self, x) -> dict[str, torch.Tensor]:
     e4 = super().forward(x)["C5"]
-    fmap = self.cls_head(torch.cat([e4, self.fa_layer(e4)], dim=1))
-    pooled = lse_pool(fmap)
+    fused = e4 if self.fa_layer is None else torch.cat([e4, self.fa_layer(e4)], dim=1)
+    fmap = self.cls_head(fused)
+    pooled = pool(fmap, self.pooling, self.lse_r)
     outputs = {"pooled": pooled}
     for name, head in (("abnormality", self.anomaly_fc), ("disease", self.cls_fc)):
       # The CAMs read the head weights detached (HAM's `.detach()`): only the logits train them.
@@ -110,7 +120,8 @@ def mirror(config: Mapping[str, Any], task: Any) -> HAM:
   """The mirror of `ham.build(config, task)` for `config.model.channels`-channel images."""
   # ham's own backbone defaults (output stride 8), so both frameworks build the same ResNet.
   _, fields = torch_modules.resolve_mirror(ham.backbone_config(config["model"]["backbone"]))
-  return HAM(task.num_classes, **fields, in_channels=config["model"]["channels"])
+  return HAM(task.num_classes, **ham.settings(config["model"]), **fields,
+             in_channels=config["model"]["channels"])
 
 
 # ---------------------------------------------------------------- losses (`ham.ham_losses`)
@@ -189,12 +200,24 @@ def ham_losses(outputs, labels, masks, helper, bbox_tags, weight,
   return sum(loss_weights[name] * value for name, value in terms.items()), terms
 
 
+def box_masks(boxes, box_labels, num_classes: int, size: int):
+  """`ham.box_masks`: (B, size, size, K) per-class unions of the boxes, as the evaluators draw them."""
+  col0, row0, col1, row1 = localization.box_pixel_ranges(boxes, size, torch).unbind(-1)
+  pixels = torch.arange(size, dtype=col0.dtype)
+  inside = lambda low, high: ((pixels >= low[..., None]) & (pixels < high[..., None])).float()
+  classes = (box_labels[..., None] == torch.arange(num_classes)).float()
+  return torch.einsum("bnh,bnw,bnk->bhwk", inside(row0, row1), inside(col0, col1),
+                      classes).clamp(max=1.0)
+
+
 def loss(outputs, batch, *, task, config, weight):
   """HAM's loss on a batch of tensors, with the flax method's adapter: unlabelled entries count as
-  negatives (labels = target * mask), and no image is box-supervised yet (zero masks and helper
-  flags, so `ex_loss` is 0, as in the authors' official-split config)."""
-  del config  # HAM's loss has no config options
+  negatives (labels = target * mask), box masks of the `box_supervised` images, and the weights of
+  `config.loss.ham_weights` (the authors' when absent)."""
   labels = batch[task.target] * batch[task.mask_key]
   refined = outputs["refined_cams"]
-  return ham_losses(outputs, labels, torch.zeros_like(refined), torch.zeros_like(weight), labels,
-                    weight)
+  masks = box_masks(batch["boxes"], batch["box_labels"], task.num_classes, refined.shape[1])
+  bbox_tags = (batch["box_labels"][..., None] == torch.arange(task.num_classes)).any(dim=1)
+  return ham_losses(outputs, labels, masks.to(refined.dtype),
+                    batch["box_supervised"].to(refined.dtype), bbox_tags.to(refined.dtype), weight,
+                    loss_weights=config["loss"].get("ham_weights", ham.LOSS_WEIGHTS))

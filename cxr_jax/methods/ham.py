@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from cxr_jax import backbones, layers, losses
 from cxr_jax.backbones.resnet import ResNet
 from cxr_jax.interop import convert
+from cxr_jax.metrics import localization
 from cxr_jax.methods import Method, Task
 
 # HAM initialises every Conv2d with `kaiming_normal_(mode="fan_out", nonlinearity="relu")`
@@ -138,37 +139,56 @@ def refine_cams(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jax.nn.sigmoid(CAM_W * (normalized - CAM_SIGMA))
 
 
+POOLINGS = ("lse", "avg")
+
+
+def pool(fmap: jax.Array, pooling: str, lse_r: float) -> jax.Array:
+  """(B, H, W, C) -> (B, C): HAM's LSE pooling, or the average (LSE as r -> 0) for ablations."""
+  if pooling == "lse":
+    return lse_pool(fmap, lse_r)
+  if pooling == "avg":
+    return jnp.mean(fmap, axis=(1, 2))
+  raise ValueError(f"model.ham.pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
 class Model(nn.Module):
   """HAM's network; see the module docstring.
 
   Attributes:
     backbone: a ResNet, normally ResNet-50 at output stride 8 (`build` sets it).
     num_classes: K, the disease outputs.
+    fa: whether the FA module runs (HAM: yes); without it the fusion head sees e4 alone (ablation).
     fa_features, head_features: widths of the FA module and of the fusion head (HAM: 512, 512).
     dropout: the fusion head's channel dropout (Dropout2d) rate.
+    pooling, lse_r: "lse" with r (HAM: r = 6) or "avg" (ablation), see `pool`.
     dtype: compute dtype of the convolutions. Pooling, heads and maps run in at least float32
       (the LSE and the slope-100 sigmoid are sensitive), and every output has that dtype.
   """
 
   backbone: nn.Module
   num_classes: int
+  fa: bool = True
   fa_features: int = 512
   head_features: int = 512
   dropout: float = 0.1
+  pooling: str = "lse"
+  lse_r: float = LSE_R
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     e4 = self.backbone(images, train=train)["C5"]
-    fa = FAModule(self.fa_features, train, self.dtype, name="fa_layer")(e4)
-    x = jnp.concatenate([e4, fa], axis=-1)
+    x = e4
+    if self.fa:
+      x = jnp.concatenate([e4, FAModule(self.fa_features, train, self.dtype, name="fa_layer")(e4)],
+                          axis=-1)
     x = layers.conv(self.head_features, 3, padding=1, dtype=self.dtype, kernel_init=CONV_INIT,
                     name="cls_head_0")(x)
     x = nn.relu(layers.BatchNorm(use_running_average=not train, dtype=self.dtype, name="cls_head_1")(x))
     # Dropout2d: whole channels are dropped, the mask broadcasts over H and W (NHWC).
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train, name="cls_head_3")(x)
     fmap = x.astype(jnp.promote_types(self.dtype, jnp.float32))
-    pooled = lse_pool(fmap)
+    pooled = pool(fmap, self.pooling, self.lse_r)
     abnormality_logit, abnormality_cam = CamHead(1, name="anomaly_fc")(pooled, fmap)
     logits, cams = CamHead(self.num_classes, name="cls_fc")(pooled, fmap)
     size = images.shape[1:3]
@@ -186,11 +206,32 @@ def backbone_config(backbone_cfg: Mapping[str, Any]) -> dict[str, Any]:
   return cfg
 
 
+# `config.model.ham`: HAM's architecture (the authors' values); `fa` and `pooling` exist for the
+# ablations of docs/methods/ham.md. The fusion head's dropout is `config.model.dropout` (HAM: 0.1).
+DEFAULTS = dict(fa=True, fa_features=512, head_features=512, pooling="lse", lse_r=LSE_R)
+
+
+def settings(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """`config.model.ham` over `DEFAULTS`, plus the dropout: the `Model` fields a config sets."""
+  fields = {**DEFAULTS, **model_cfg.get("ham", {})}
+  unknown = sorted(set(fields) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown config.model.ham fields {unknown}; valid: {sorted(DEFAULTS)}")
+  if fields["pooling"] not in POOLINGS:
+    raise ValueError(f"config.model.ham.pooling must be one of {POOLINGS}, got {fields['pooling']!r}")
+  return {**fields, "dropout": model_cfg["dropout"]}
+
+
 def build(config: Mapping[str, Any], task: Task) -> Model:
-  """HAM's network for `config.model.backbone` (output stride 8 unless set) and `config.dtype`."""
+  """HAM's network for `config.model` (backbone at output stride 8 unless set, `model.ham`,
+  `model.dropout`) and `config.dtype`. HAM learns the finding labels, whose indices its boxes use."""
+  if task.target != "labels":
+    raise ValueError(f"HAM learns config.data.target=labels (its boxes index the findings), got "
+                     f"{task.target!r}")
   dtype = jnp.dtype(config["dtype"])
   backbone = backbones.build({**backbone_config(config["model"]["backbone"]), "dtype": dtype})
-  return Model(backbone=backbone, num_classes=task.num_classes, dtype=dtype)
+  return Model(backbone=backbone, num_classes=task.num_classes, dtype=dtype,
+               **settings(config["model"]))
 
 
 def torch_names(model_cfg: Mapping[str, Any]) -> convert.TorchNames:
@@ -368,17 +409,40 @@ def ham_losses(outputs: Mapping[str, Any], labels: jax.Array, masks: jax.Array,
   return sum(loss_weights[name] * value for name, value in terms.items()), terms
 
 
+def box_masks(boxes: jax.Array, box_labels: jax.Array, num_classes: int,
+              size: int) -> jax.Array:
+  """(B, size, size, K) float masks: per class, the union of that class's boxes, covering every
+  pixel a box overlaps, as the localization evaluators draw them.
+
+  Args:
+    boxes: (B, N, 4) normalised [xmin, ymin, xmax, ymax].
+    box_labels: (B, N) class index of each box, -1 for padding.
+  """
+  col0, row0, col1, row1 = jnp.moveaxis(localization.box_pixel_ranges(boxes, size, jnp), -1, 0)
+  pixels = jnp.arange(size, dtype=col0.dtype)
+  inside = lambda low, high: ((pixels >= low[..., None]) & (pixels < high[..., None])).astype(
+      jnp.float32)  # (B, N, S)
+  classes = (box_labels[..., None] == jnp.arange(num_classes)).astype(jnp.float32)  # padding: none
+  # A box's mask is the outer product of its rows and columns; overlapping boxes count once.
+  return jnp.einsum("bnh,bnw,bnk->bhwk", inside(row0, row1), inside(col0, col1),
+                    classes).clip(max=1.0)
+
+
 def loss(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], *, task: Task,
          config: Mapping[str, Any], weight: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """HAM's losses on a pipeline batch: the task's targets where known (an unknown or ignored label
-  counts as a negative, as every label of HAM's NIH lists is known). No record is marked for box
-  supervision yet, so the box term is 0, as in the authors' official-split configuration."""
-  del config
+  """HAM's losses on a pipeline batch, weighted by `config.loss.ham_weights` (the authors' when
+  absent). Labels are the task's targets where known: an unknown or ignored label counts as a
+  negative, as every label of HAM's NIH lists is known. The box term reads the boxes of the
+  images marked `box_supervised` (data_prep.nih --box-list) and is 0 in a batch without any."""
   targets, mask = task.targets(batch)
   labels = targets * mask
   refined = outputs["refined_cams"]
-  no_boxes = jnp.zeros(labels.shape[:1], refined.dtype)
-  return ham_losses(outputs, labels, jnp.zeros_like(refined), no_boxes, labels, weight)
+  masks = box_masks(batch["boxes"], batch["box_labels"], task.num_classes, refined.shape[1])
+  bbox_tags = jnp.any(batch["box_labels"][..., None] == jnp.arange(task.num_classes), axis=1)
+  return ham_losses(outputs, labels, masks.astype(refined.dtype),
+                    batch["box_supervised"].astype(refined.dtype),
+                    bbox_tags.astype(refined.dtype), weight,
+                    loss_weights=config["loss"].get("ham_weights", LOSS_WEIGHTS))
 
 
 METHOD = Method(build=build, loss=loss)

@@ -105,13 +105,20 @@ def minmax_normalize(maps) -> np.ndarray:
   return _minmax(maps, (0, 1))
 
 
+def box_pixel_ranges(boxes, size: int, xp=np):
+  """(..., 4) [col0, row0, col1, row1] floats: the half-open pixel ranges that normalised
+  [xmin, ymin, xmax, ymax] boxes cover on a size x size grid (edges within _SNAP of a pixel
+  border snap to it). `xp` is numpy or jax.numpy, so that training masks match evaluation's."""
+  edges = xp.asarray(boxes) * size
+  nearest = xp.round(edges)
+  edges = xp.where(xp.abs(edges - nearest) < _SNAP, nearest, edges)
+  corners = xp.concatenate([xp.floor(edges[..., :2]), xp.ceil(edges[..., 2:])], axis=-1)
+  return xp.clip(corners, 0, size)
+
+
 def _box_pixels(boxes, size: int) -> np.ndarray:
   """(n, 4) int64 [col0, row0, col1, row1]: the half-open pixel ranges the boxes cover."""
-  edges = np.asarray(boxes, np.float64).reshape(-1, 4) * size
-  nearest = np.round(edges)
-  edges = np.where(np.abs(edges - nearest) < _SNAP, nearest, edges)
-  corners = np.concatenate([np.floor(edges[:, :2]), np.ceil(edges[:, 2:])], axis=1)
-  return np.clip(corners, 0, size).astype(np.int64)
+  return box_pixel_ranges(np.asarray(boxes, np.float64).reshape(-1, 4), size).astype(np.int64)
 
 
 def box_mask(boxes, size: int) -> np.ndarray:
