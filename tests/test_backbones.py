@@ -193,7 +193,7 @@ def test_build_accepts_config_dict_with_placeholders():
 
 @pytest.mark.parametrize("cfg, message", [
     ({"name": "densenet122"}, "valid names: densenet121, densenet169, densenet201, resnet18"),
-    ({"name": "resnet50", "growth_rate": 8}, "valid keys: name, stage_sizes, output_stride, dtype, remat"),
+    ({"name": "resnet50", "growth_rate": 8}, "valid keys: name, stage_sizes, output_stride, width, dtype, remat"),
     ({"name": "densenet121", "output_stride": 8}, "unknown densenet121 config keys ['output_stride']"),
     ({"name": "resnet18", "stage_sizes": [2, 2, 2]}, "resnet18 stage_sizes needs 4 entries, got (2, 2, 2)"),
 ])

@@ -70,3 +70,37 @@ def test_phantom_smoke_trains_and_evaluates(tmp_path, monkeypatch):
   assert "Hernia" in table and "mean" in table
   # The phantom's NIH-layout folder is kept beside the shards, with the original PNGs.
   assert os.path.exists(os.path.join(config.data.dir + "-nih", "Data_Entry_2017_v2020.csv"))
+
+
+@pytest.mark.parametrize("path,arg", [("phantom.py", "method=ham"), ("phantom.py", "method=ham,smoke"),
+                                      ("phantom.py", "method=baseline,backbone=resnet"),
+                                      ("nih/ham.py", "setting=loc_fold"),
+                                      ("nih/ham.py", "setting=loc_fold,smoke")])
+def test_config_variants_load_and_validate(path, arg):
+  config = load_config(os.path.join(REPO, "configs", path), arg)
+  config_utils.validate(config)
+  assert (config.model.name == "ham") == ("ham" in arg or "ham" in path)
+
+
+def test_phantom_alone_is_the_baseline_and_bad_arguments_are_named():
+  path = os.path.join(REPO, "configs", "phantom.py")
+  assert load_config(path).model.name == "baseline"
+  assert load_config(path).model.backbone.name == "densenet121"
+  with pytest.raises(ValueError, match=r"no recipe for method 'spf'; valid: \('baseline', 'ham'\)"):
+    load_config(path, "method=spf")
+  with pytest.raises(ValueError, match="no backbone 'vit'"):
+    load_config(path, "backbone=vit")
+  with pytest.raises(ValueError, match="unknown HAM setting 'fold9'"):
+    load_config(os.path.join(REPO, "configs", "nih", "ham.py"), "setting=fold9")
+
+
+def test_phantom_ham_smoke_trains_with_every_term_and_localizes(tmp_path, monkeypatch):
+  """`configs/phantom.py:method=ham,smoke`: HAM's five terms logged (the phantom has no image
+  marked for box supervision: ex_loss is 0), its maps scored by both protocols on the test split."""
+  monkeypatch.setenv("CXR_JAX_CACHE", str(tmp_path / "cache"))
+  config = load_config(os.path.join(REPO, "configs", "phantom.py"), "method=ham,smoke")
+  last = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert {"ano_loss", "cls_loss", "ex_loss", "bound_loss", "union_loss"} <= set(last["train"])
+  assert last["train"]["ex_loss"] == 0 and last["train"]["bound_loss"] > 0
+  located = evaluate.evaluate(str(tmp_path / "run"), "test", "best", n_boot=0)["localization"]
+  assert located["ham_localization"]["n_pairs"] > 0 and located["wang_localization"]["n_boxes"] > 0

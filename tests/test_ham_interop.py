@@ -41,7 +41,7 @@ def reference():
 
 def config(backbone, dtype="float32"):
   return {"model": {"name": "ham", "backbone": backbone, "channels": 3, "dropout": 0.1},
-          "dtype": dtype}
+          "loss": {}, "dtype": dtype}
 
 
 def task(num_classes):

@@ -27,9 +27,10 @@ maps of negative classes and a soft mask `sigmoid(100*(map - 0.75))` on the raw 
 uses the refined maps at input resolution, like the masks. Every batch-level term takes a
 per-example `weight` (B,) (0 for padding), so a padded example counts in no term.
 
-As a method (`config.model.name=ham`), `loss` feeds the pipeline's batches to `ham_losses`; the
-box term waits for records marked for box supervision (custom split lists), and configs and the
-phantom experiments are still to come.
+As a method (`config.model.name=ham`), `loss` feeds the pipeline's batches to `ham_losses`: box
+masks are drawn from the boxes of the records marked `box_supervised` (`data_prep.nih --box-list`),
+and `config.loss.ham_weights` weighs the terms. `config.model.ham` holds the architecture
+(`DEFAULTS`: the authors' values); its `fa` and `pooling` switches serve the ablations.
 """
 
 from __future__ import annotations
