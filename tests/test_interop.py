@@ -420,6 +420,43 @@ def test_flattening_head_needs_and_gets_the_nchw_permutation():
   assert np.abs(outputs[False] - want).max() > 1e-2
 
 
+class _Upsampler(nn.Module):
+  """A stride-2 4x4 transposed convolution, as a decoder upsamples (torch padding 1)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.ConvTranspose(3, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), name="up")(x)
+
+
+def test_transposed_convolution_needs_and_gets_its_declared_kind():
+  """By rank alone a ConvTranspose kernel converts as a convolution's and the mirror computes
+  something else; declared `conv_transpose`, torch's ConvTranspose2d gives flax's output, and the
+  conversion inverts exactly."""
+  x = np.random.default_rng(0).normal(size=(2, 5, 3, 4)).astype(np.float32)  # H != W, I != O
+  model = _Upsampler()
+  variables = model.init(jax.random.key(0), x)
+  want = np.asarray(model.apply(variables, x))
+  mirror = torch.nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1)
+  outputs = {}
+  for kinds in ((), ((r"^up\.weight$", "conv_transpose"),)):
+    names = convert.TorchNames((convert.Scope("", ""),), kinds=kinds)
+    state_dict = {k.removeprefix("up."): v for k, v in convert.to_state_dict(variables, names).items()}
+    if state_dict["weight"].shape != tuple(mirror.weight.shape):
+      outputs[bool(kinds)] = None
+      continue
+    mirror.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    with torch.no_grad():
+      outputs[bool(kinds)] = mirror(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    back = convert.from_state_dict({f"up.{k}": v for k, v in state_dict.items()}, variables, names)
+    jax.tree.map(np.testing.assert_array_equal, back, dict(variables))
+  assert want.shape == (2, 10, 6, 3)
+  assert_close_to_scale(outputs[True], want, rel=1e-6, name="transposed conv")
+  assert outputs[False] is None or np.abs(outputs[False] - want).max() > 1e-2
+  with pytest.raises(ValueError, match="kernel kind 'deconv'"):
+    convert.to_state_dict(variables, convert.TorchNames((convert.Scope("", ""),),
+                                                        kinds=((r"up", "deconv"),)))
+
+
 # ---------------------------------------------------------------- import of published files
 
 

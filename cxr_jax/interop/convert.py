@@ -2,10 +2,16 @@
 
 A model's torch names are data, not code: `TorchNames` lists `Scope`s, each mapping a flax
 subtree (e.g. `backbone`) to a torch module prefix (e.g. `features`) plus ordered regex renames for
-the keys below it. Leaves are identified by collection, name and rank:
+the keys below it. Leaves are identified by collection, name and rank, unless `TorchNames.kinds`
+declares a kernel's kind by its torch key (rank alone cannot tell a transposed convolution, or a
+kernel of another rank-3+ layer, from a convolution):
 
   flax                        torch                 values
   params/.../kernel, rank>=3  weight                conv: (*spatial, I, O) <-> (O, I, *spatial)
+  kind "conv_transpose"       weight                flax `nn.ConvTranspose` (transpose_kernel=False,
+                                                    padding k-1-p) (*spatial, I, O) <-> torch
+                                                    ConvTranspose (I, O, *spatial), spatially flipped
+  kind "as_is"                weight                the same array in both (e.g. a bilinear form)
   params/.../kernel, rank 2   weight                dense: (in, out) <-> (out, in); a Linear listed
                                                     in `TorchNames.flatten` also permutes the
                                                     NHWC flatten order to torch's NCHW order
@@ -35,6 +41,7 @@ from cxr_jax.backbones.densenet import DenseNet
 from cxr_jax.backbones.resnet import ResNet
 
 COLLECTIONS = ("params", "batch_stats")
+KINDS = ("conv", "conv_transpose", "dense", "flattened_dense", "as_is")
 
 # torchvision's published DenseNet files predate its module renames (`norm.1` -> `norm1`); its own
 # loader (`torchvision/models/densenet.py::_load_state_dict`) applies this same regex.
@@ -66,10 +73,24 @@ class TorchNames:
   Attributes:
     scopes: the first scope holding a module names it, so list nested scopes before outer ones.
     flatten: torch key of a Linear's weight -> (H, W, C) of the NHWC map it takes flattened.
+    kinds: ((regex over torch keys, kind), ...): the first match declares a kernel's kind, one of
+      KINDS; kernels matching none are told by rank (module docstring).
   """
 
   scopes: tuple[Scope, ...]
   flatten: Mapping[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+  kinds: tuple[tuple[str, str], ...] = ()
+
+  def kind(self, key: str, rank: int) -> str:
+    """The declared kind of the kernel with torch key `key`, else its kind by rank."""
+    for pattern, kind in self.kinds:
+      if re.search(pattern, key):
+        if kind not in KINDS:
+          raise ValueError(f"kernel kind {kind!r} for {key}: choose from {KINDS}")
+        return kind
+    if rank >= 3:
+      return "conv"
+    return "flattened_dense" if key in self.flatten else "dense"
 
   def key(self, module_path: str, leaf: str) -> str:
     """The torch key of leaf `leaf` (already in torch's terms) of flax module `module_path`."""
@@ -150,8 +171,37 @@ def _flatten_transforms(hwc: tuple[int, int, int]):
   return to_torch, from_torch
 
 
+def _conv_transpose_transforms(rank: int):
+  """flax ConvTranspose (*spatial, I, O), unflipped, <-> torch ConvTranspose (I, O, *spatial):
+  torch's kernel is the gradient of a convolution's, so its spatial axes run backwards."""
+  spatial = tuple(range(rank - 2))
+  flip = tuple(slice(None, None, -1) for _ in spatial)
+
+  def to_torch(k):
+    return k[flip].transpose(rank - 2, rank - 1, *spatial)
+
+  def from_torch(t):
+    return t.transpose(*(s + 2 for s in spatial), 0, 1)[flip]
+
+  return to_torch, from_torch
+
+
+def _kernel_transforms(kind: str, rank: int, hwc: tuple[int, int, int] | None):
+  """(to_torch, from_torch) of a kernel of `kind` (see KINDS)."""
+  if kind == "conv":
+    forward, backward = _conv_perm(rank)
+    return (lambda x: x.transpose(forward)), (lambda x: x.transpose(backward))
+  if kind == "conv_transpose":
+    return _conv_transpose_transforms(rank)
+  if kind == "flattened_dense":
+    return _flatten_transforms(hwc)
+  if kind == "dense":
+    return np.transpose, np.transpose
+  return _identity, _identity
+
+
 def _leaf(path: tuple[str, ...], rank: int, names: TorchNames) -> _Leaf:
-  """Identifies a flax leaf by collection, name and rank (see the module docstring)."""
+  """Identifies a flax leaf by collection, name and rank or declared kind (module docstring)."""
   collection, modules, name = path[0], ".".join(path[1:-1]), path[-1]
   if collection == "batch_stats":
     if name not in ("mean", "var"):
@@ -159,12 +209,8 @@ def _leaf(path: tuple[str, ...], rank: int, names: TorchNames) -> _Leaf:
     return _Leaf(path, names.key(modules, f"running_{name}"), _identity, _identity)
   if name == "kernel":
     key = names.key(modules, "weight")
-    if rank >= 3:
-      forward, backward = _conv_perm(rank)
-      return _Leaf(path, key, lambda x: x.transpose(forward), lambda x: x.transpose(backward))
-    if key in names.flatten:
-      return _Leaf(path, key, *_flatten_transforms(names.flatten[key]))
-    return _Leaf(path, key, np.transpose, np.transpose)
+    kind = names.kind(key, rank)
+    return _Leaf(path, key, *_kernel_transforms(kind, rank, names.flatten.get(key)))
   return _Leaf(path, names.key(modules, "weight" if name == "scale" else name), _identity, _identity)
 
 
