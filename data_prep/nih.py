@@ -2,7 +2,7 @@
 
     python -m data_prep.nih --src DIR --out DIR --image-size S [--val-fraction F --seed K]
         [--train-list FILE --test-list FILE [--val-list FILE]] [--box-list FILE]
-        [--workers N] [--skip-bad] [--overwrite]
+        [--fine-labels FILE] [--workers N] [--skip-bad] [--overwrite]
 
 Reads from --src:
   Data_Entry_2017_v2020.csv, else Data_Entry_2017.csv (trailing comma on every line, ages like
@@ -25,13 +25,26 @@ Reads from --src:
   phantom_extras/ (optional, written by data_prep.phantom; see docs/architecture.md)  then the
       boxes are every finding instance of fine_labels.csv (BBox_List_2017.csv is still checked),
       and records gain fine labels and anatomy maps (resized with NEAREST).
+  --fine-labels (optional, any path; not with phantom_extras/)   your own location-aware labels
+      (e.g. derived from Chest ImaGenome): a CSV with columns `Image Index` and `Fine Labels`
+      (found by header name; others are ignored), one row per image; the cell holds
+      `Finding|side|zone` names of labels.fine_vocabulary() separated by `;`
+      (`Nodule|left|lower;Effusion|right|lower`), empty for none. Records gain fine labels over
+      that vocabulary: 1 for a listed location, 0 for the others, and NaN (unknown, masked in
+      training) for every location of an image absent from the CSV, and of a finding in the
+      image's Finding Labels that its row does not locate. cxr_manifest.json records the file
+      (`fine_labels_from`) and the images whose fine labels are all unknown
+      (`fine_labels_unlabelled`: absent from it, or with a row skipped by --skip-bad).
 
 Every bad input (unreadable image, malformed row, unknown label, image in no official split
 list, image in two split lists, list entry not in Data_Entry, patient in both train_val and test
 of the official split, box for an unknown image, box-list image outside the training split or
-without a box) stops the conversion with an error naming the file and row, and leaves --out as it
-was; with --skip-bad it is logged, left out and listed in cxr_manifest.json instead (a box-list
-image outside the training split or without a box is written, unmarked).
+without a box; of --fine-labels an unknown fine label, an image not in Data_Entry, a second row
+for an image, a fine label whose finding is not in the image's Finding Labels) stops the
+conversion with an error naming the file and row, and leaves --out as it was; with --skip-bad it
+is logged, left out and listed in cxr_manifest.json instead (a box-list image outside the
+training split or without a box is written, unmarked; an image with a bad --fine-labels row is
+written with unknown fine labels, as no row of it can be trusted).
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from absl import logging
@@ -62,6 +75,8 @@ TRAIN_SIDES = ("train_val", "train")
 EXTRAS_DIR = "phantom_extras"
 DATA_ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
 FINE_LABEL_COLUMNS = ("Image Index", "Finding Label", "Side", "Zone", "x", "y", "w", "h")
+USER_FINE_LABEL_COLUMNS = ("Image Index", "Fine Labels")  # of --fine-labels
+FINE_LABEL_SEPARATOR = ";"  # `|` already separates a fine label's finding, side and zone
 BBOX_WIDTH = 6  # Image Index, Finding Label, x, y, w, h
 
 
@@ -111,12 +126,41 @@ class ListOptionsError(ValueError):
 
 
 @dataclasses.dataclass
+class FineLabels:
+  """Location-aware label vectors over `names` by image, read from `source` (named in the
+  manifest). An image without a vector gets `absent` for every name: 0 from the phantom, which
+  lists every finding instance; NaN (unknown) from --fine-labels, which need not cover every image.
+  """
+
+  names: tuple[str, ...]
+  source: str
+  absent: float
+  vectors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def position(self, name: str) -> int:
+    """Index of a fine label in `names`; ValueError if it is not there."""
+    if name not in self.names:
+      raise ValueError(f"unknown fine label {name!r}: not in the fine-label vocabulary (Finding|"
+                       f"side|zone, side in {labels_lib.SIDES}, zone in {labels_lib.ZONES})")
+    return self.names.index(name)
+
+  def vector_of(self, image_id: str) -> np.ndarray:
+    """The fine labels of an image."""
+    return self.vectors.get(image_id, np.full(len(self.names), self.absent, np.float32))
+
+  def count_unlabelled(self, image_ids: Sequence[str]) -> int:
+    """How many of the images get unknown fine labels, having no vector."""
+    if not np.isnan(self.absent):
+      return 0
+    return sum(1 for image_id in image_ids if image_id not in self.vectors)
+
+
+@dataclasses.dataclass
 class Extras:
   """What phantom_extras/ adds: fine labels, instance boxes and anatomy maps."""
 
-  fine_label_names: tuple[str, ...]
+  fine: FineLabels
   anatomy_names: tuple[str, ...]
-  fine_labels: dict[str, np.ndarray]
   boxes: dict[str, list[Box]]
   anatomy_dir: str
 
@@ -135,11 +179,13 @@ class Item:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What the metadata says to write: the images (by Image Index), the extras, manifest facts."""
+  """What the metadata says to write: the images (by Image Index), their fine labels (if any),
+  the anatomy names (empty without anatomy maps) and the manifest facts."""
 
   data_entry: str
   items: list[Item]
-  extras: Extras | None
+  fine: FineLabels | None
+  anatomy_names: tuple[str, ...]
   facts: dict
 
 
@@ -164,17 +210,24 @@ def label_index(name: str) -> int:
   return labels_lib.NIH_LABELS.index(label)
 
 
-def read_data_entry(path: str, bad: common.BadInputs) -> dict[str, Entry]:
-  """The rows of Data_Entry_2017[_v2020].csv by Image Index."""
+def read_table(path: str, columns: Sequence[str],
+               ) -> tuple[Iterator[tuple[int, list[str]]], int, dict[str, int]]:
+  """The (line, fields) rows after a CSV file's header, the header's width and the positions of
+  the named `columns` in it; a header without them is bad input."""
   rows = common.read_csv(path)
   header_line, header = next(rows, (1, []))
   header = common.strip_trailing_empty(header)
-  column = common.column_index(header, DATA_ENTRY_COLUMNS, path, header_line)
+  return rows, len(header), common.column_index(header, columns, path, header_line)
+
+
+def read_data_entry(path: str, bad: common.BadInputs) -> dict[str, Entry]:
+  """The rows of Data_Entry_2017[_v2020].csv by Image Index."""
+  rows, width, column = read_table(path, DATA_ENTRY_COLUMNS)
   entries: dict[str, Entry] = {}
   for line, fields in rows:
     image_id = fields[column["Image Index"]] if column["Image Index"] < len(fields) else ""
     try:
-      entry = _parse_entry(common.fit_fields(fields, len(header)), column, line)
+      entry = _parse_entry(common.fit_fields(fields, width), column, line)
     except ValueError as e:
       bad.report(BadInputError(path, line, str(e), image=image_id or None))
       continue
@@ -320,33 +373,100 @@ def read_extras(src: str, data_entry: str, entries: dict[str, Entry],
       raise BadInputError(info_path, e.lineno, f"not JSON: {e.msg}") from e
   if "anatomy_names" not in info:
     raise BadInputError(info_path, None, "has no anatomy_names")
-  fine_names = tuple(info.get("fine_label_names") or labels_lib.fine_vocabulary())
-  fine_index = {name: i for i, name in enumerate(fine_names)}
-  extras = Extras(fine_label_names=fine_names, anatomy_names=tuple(info["anatomy_names"]),
-                  fine_labels={}, boxes=collections.defaultdict(list),
-                  anatomy_dir=os.path.join(root, "anatomy"))
+  fine = FineLabels(tuple(info.get("fine_label_names") or labels_lib.fine_vocabulary()),
+                    source=f"{EXTRAS_DIR}/fine_labels.csv", absent=0.0)
+  extras = Extras(fine=fine, anatomy_names=tuple(info["anatomy_names"]),
+                  boxes=collections.defaultdict(list), anatomy_dir=os.path.join(root, "anatomy"))
   path = os.path.join(root, "fine_labels.csv")
-  rows = common.read_csv(path)
-  header_line, header = next(rows, (1, []))
-  header = common.strip_trailing_empty(header)
-  column = common.column_index(header, FINE_LABEL_COLUMNS, path, header_line)
+  rows, width, column = read_table(path, FINE_LABEL_COLUMNS)
   for line, fields in rows:
     try:
-      fields = common.fit_fields(fields, len(header))
+      fields = common.fit_fields(fields, width)
       image_id, finding, side, zone, *xywh = (fields[column[c]] for c in FINE_LABEL_COLUMNS)
       box = Box(label_index(finding), _parse_xywh(xywh))
-      fine = labels_lib.fine_label(finding, side, zone)
-      if fine not in fine_index:
-        raise ValueError(f"{fine} is not in the fine-label vocabulary")
+      position = fine.position(labels_lib.fine_label(finding, side, zone))
     except ValueError as e:
       bad.report(BadInputError(path, line, str(e)))
       continue
     if not _usable(image_id, "finding", entries, bad, path, line, data_entry):
       continue
     extras.boxes[image_id].append(box)
-    vector = extras.fine_labels.setdefault(image_id, np.zeros(len(fine_names), np.float32))
-    vector[fine_index[fine]] = 1.0
+    fine.vectors.setdefault(image_id, np.zeros(len(fine.names), np.float32))[position] = 1.0
   return extras
+
+
+def check_fine_labels_option(src: str, fine_labels: str | None) -> None:
+  """--fine-labels cannot join phantom_extras/, which brings its own fine labels."""
+  extras_dir = os.path.join(src, EXTRAS_DIR)
+  if fine_labels is not None and os.path.isdir(extras_dir):
+    raise BadInputError(fine_labels, None, f"--fine-labels cannot be combined with {extras_dir}, "
+                        "which brings its own fine labels; remove one of them")
+
+
+def parse_fine_label(text: str) -> str:
+  """The vocabulary's spelling of a `Finding|side|zone` name (`Infiltrate` -> `Infiltration`)."""
+  parts = text.split("|")
+  if len(parts) != 3:
+    raise ValueError(f"{text!r} is not a fine label Finding|side|zone")
+  return labels_lib.fine_label(*(part.strip() for part in parts))
+
+
+def finding_of(fine_name: str) -> str:
+  """The finding of a `Finding|side|zone` name."""
+  return fine_name.partition("|")[0]
+
+
+def finding_names(entry: Entry) -> str:
+  """An image's Finding Labels, spelt as in Data_Entry."""
+  names = [labels_lib.NIH_LABELS[i] for i in np.flatnonzero(entry.labels)]
+  return "|".join(names) or labels_lib.NO_FINDING
+
+
+def fine_vector(cell: str, entry: Entry, fine: FineLabels, data_entry: str) -> np.ndarray:
+  """The fine labels of a `Fine Labels` cell about the image of `entry`: 1 at each listed label,
+  0 at the other locations, but NaN at every location of a finding of the image's Finding Labels
+  that the cell does not locate (0 there would contradict Data_Entry). ValueError for an unknown
+  fine label, or one whose finding the image lacks."""
+  vector = np.zeros(len(fine.names), np.float32)
+  has = {labels_lib.NIH_LABELS[i] for i in np.flatnonzero(entry.labels)}
+  listed = [parse_fine_label(text) for text in cell.split(FINE_LABEL_SEPARATOR) if text.strip()]
+  for name in listed:
+    position = fine.position(name)
+    if finding_of(name) not in has:
+      raise ValueError(f"{name} contradicts the Finding Labels {finding_names(entry)!r} of "
+                       f"{entry.image_id} ({data_entry} row {entry.line})")
+    vector[position] = 1.0
+  unlocated = has - {finding_of(name) for name in listed}
+  vector[[finding_of(name) in unlocated for name in fine.names]] = np.nan
+  return vector
+
+
+def read_fine_labels(path: str, data_entry: str, entries: dict[str, Entry],
+                     bad: common.BadInputs) -> FineLabels:
+  """The location-aware labels of the --fine-labels CSV (module docstring); an image it lacks,
+  or whose row is bad, gets unknown (NaN) fine labels."""
+  fine = FineLabels(labels_lib.fine_vocabulary(), source=os.path.basename(path), absent=np.nan)
+  rows, width, column = read_table(path, USER_FINE_LABEL_COLUMNS)
+  row_of: dict[str, int] = {}
+  for line, fields in rows:
+    try:
+      fields = common.fit_fields(fields, width)
+    except ValueError as e:
+      bad.report(BadInputError(path, line, str(e)))
+      continue
+    image_id, cell = (fields[column[c]] for c in USER_FINE_LABEL_COLUMNS)
+    if not _usable(image_id, "fine labels", entries, bad, path, line, data_entry):
+      continue
+    if image_id in row_of:
+      fine.vectors.pop(image_id, None)  # neither row is more trustworthy than the other
+      bad.report(BadInputError(path, line, f"{image_id} is also at row {row_of[image_id]}"))
+      continue
+    row_of[image_id] = line
+    try:
+      fine.vectors[image_id] = fine_vector(cell, entries[image_id], fine, data_entry)
+    except ValueError as e:
+      bad.report(BadInputError(path, line, str(e)))
+  return fine
 
 
 def find_images(src: str) -> dict[str, str]:
@@ -467,9 +587,10 @@ def split_facts(lists: SplitLists, entries: dict[str, Entry], listed: dict[str, 
               unlisted=unlisted, patients_in_train_and_test=len(shared))
 
 
-def plan(src: str, bad: common.BadInputs, val_fraction: float, seed: int,
-         lists: SplitLists) -> Plan:
-  """Reads and checks every metadata file, finds the images and assigns the splits."""
+def plan(src: str, bad: common.BadInputs, val_fraction: float, seed: int, lists: SplitLists,
+         fine_labels: str | None = None) -> Plan:
+  """Reads and checks every metadata file (`fine_labels`: the --fine-labels CSV), finds the
+  images and assigns the splits."""
   data_entry = find_data_entry(src)
   entries = read_data_entry(data_entry, bad)
   listed = read_split_lists(lists.files, data_entry, entries, bad)
@@ -477,6 +598,9 @@ def plan(src: str, bad: common.BadInputs, val_fraction: float, seed: int,
     check_all_listed(entries, listed, data_entry, bad)
     check_patients(entries, listed, bad)
   boxes, extras, boxes_from = read_boxes(src, data_entry, entries, bad)
+  fine = extras.fine if extras else None
+  if fine_labels:  # never with extras: check_fine_labels_option
+    fine = read_fine_labels(fine_labels, data_entry, entries, bad)
   image_paths = find_images(src)
   check_images_found(src, data_entry, entries, listed, image_paths, bad)
   marked = (read_box_list(lists.box_list, data_entry, entries, listed, boxes, boxes_from, bad)
@@ -494,18 +618,27 @@ def plan(src: str, bad: common.BadInputs, val_fraction: float, seed: int,
   facts = dict(data_entry=os.path.basename(data_entry),
                val_fraction=None if val_from_list else val_fraction, seed=seed,
                val_patients=len(val_patients), boxes_from=boxes_from,
-               **split_facts(lists, entries, listed, items, bad))
-  return Plan(data_entry, items, extras, facts)
+               **split_facts(lists, entries, listed, items, bad), **fine_facts(fine, items))
+  return Plan(data_entry, items, fine, extras.anatomy_names if extras else (), facts)
+
+
+def fine_facts(fine: FineLabels | None, items: Sequence[Item]) -> dict:
+  """What the manifest records of the fine labels: their file, and how many images they leave
+  unknown (None without fine labels)."""
+  if fine is None:
+    return dict(fine_labels_from=None, fine_labels_unlabelled=None)
+  unlabelled = fine.count_unlabelled([item.entry.image_id for item in items])
+  if unlabelled:
+    logging.info("%d images have no usable row in %s: their fine labels are unknown", unlabelled,
+                 fine.source)
+  return dict(fine_labels_from=fine.source, fine_labels_unlabelled=unlabelled)
 
 
 def make_example(item: Item, result: common.ImageResult,
-                 extras: Extras | None) -> tfrecord.CxrExample:
+                 fine: FineLabels | None) -> tfrecord.CxrExample:
   """The record of a prepared image."""
   entry = item.entry
-  fine_labels = None
-  if extras is not None:
-    fine_labels = extras.fine_labels.get(entry.image_id,
-                                         np.zeros(len(extras.fine_label_names), np.float32))
+  fine_labels = fine.vector_of(entry.image_id) if fine else None
   return tfrecord.CxrExample(
       image=result.png, image_id=entry.image_id, patient_id=entry.patient_id,
       study_id=os.path.splitext(entry.image_id)[0],  # NIH has no studies: one image, one study
@@ -518,28 +651,29 @@ def make_example(item: Item, result: common.ImageResult,
 def convert(src: str, out: str, *, image_size: int, val_fraction: float = 0.1, seed: int = 0,
             train_list: str | None = None, test_list: str | None = None,
             val_list: str | None = None, box_list: str | None = None,
-            workers: int = 1, skip_bad: bool = False, overwrite: bool = False,
+            fine_labels: str | None = None, workers: int = 1, skip_bad: bool = False,
+            overwrite: bool = False,
             max_shard_bytes: int = writer.DEFAULT_MAX_SHARD_BYTES) -> dict:
   """Converts the NIH release in `src` into a prepared dataset in `out`; returns its manifest.
 
   The splits come from `train_list` and `test_list` (and `val_list`) when given, else from the
-  official lists in `src`; the images of `box_list` are marked box_supervised (module docstring).
+  official lists in `src`; the images of `box_list` are marked box_supervised; `fine_labels` is a
+  CSV of location-aware labels (module docstring).
 
   Raises:
     BadInputError (a ValueError) naming the file and row of the first bad input, leaving `out`
-      untouched, unless skip_bad.
+      untouched, unless skip_bad; and whatever skip_bad, `fine_labels` with phantom_extras/.
     ListOptionsError: only one of `train_list` and `test_list`, or `val_list` without them.
   """
   lists = split_lists(src, train_list=train_list, test_list=test_list, val_list=val_list,
                       box_list=box_list)
+  check_fine_labels_option(src, fine_labels)
   bad = common.BadInputs(skip_bad)
-  todo = plan(src, bad, val_fraction, seed, lists)
-  extras = todo.extras
+  todo = plan(src, bad, val_fraction, seed, lists, fine_labels)
   with writer.DatasetWriter(
       out, DATASET_NAME, label_names=labels_lib.NIH_LABELS, image_size=image_size,
       converter="data_prep.nih", converter_version=VERSION, source=os.path.abspath(src),
-      fine_label_names=extras.fine_label_names if extras else (),
-      anatomy_names=extras.anatomy_names if extras else (),
+      fine_label_names=todo.fine.names if todo.fine else (), anatomy_names=todo.anatomy_names,
       max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra=todo.facts) as dataset:
     bad.record_to(dataset)
     jobs = [common.ImageJob(i.path, image_size, i.label_map_path) for i in todo.items]
@@ -549,18 +683,20 @@ def convert(src: str, out: str, *, image_size: int, val_fraction: float = 0.1, s
           bad.report(BadInputError(todo.data_entry, item.entry.line, result.error,
                                    image=item.entry.image_id))
           continue
-        dataset.add(item.split, make_example(item, result, extras))
+        dataset.add(item.split, make_example(item, result, todo.fine))
   return writer.load_manifest(out)
 
 
 def argument_parser() -> argparse.ArgumentParser:
-  """Every converter's arguments and NIH's split lists."""
+  """Every converter's arguments, NIH's split lists and its location-aware labels."""
   parser = common.argument_parser(__doc__)
   parser.add_argument("--train-list", help="custom training list (with --test-list): one "
                       "Image Index a line; replaces the official split")
   parser.add_argument("--test-list", help="custom test list (with --train-list)")
   parser.add_argument("--val-list", help="custom validation list (else carved from --train-list)")
   parser.add_argument("--box-list", help="training images to mark for box supervision")
+  parser.add_argument("--fine-labels", help="CSV of location-aware labels: Image Index, Fine "
+                      "Labels (`Nodule|left|lower;Effusion|right|lower`)")
   return parser
 
 
@@ -573,7 +709,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     manifest = convert(args.src, args.out, image_size=args.image_size,
                        val_fraction=args.val_fraction, seed=args.seed,
                        train_list=args.train_list, test_list=args.test_list,
-                       val_list=args.val_list, box_list=args.box_list, workers=args.workers,
+                       val_list=args.val_list, box_list=args.box_list,
+                       fine_labels=args.fine_labels, workers=args.workers,
                        skip_bad=args.skip_bad, overwrite=args.overwrite)
   except ListOptionsError as e:
     parser.error(str(e))

@@ -3,8 +3,9 @@
 `write_nih` writes Data_Entry (the v2020 file, or the 2017 one with a trailing comma on every line
 and ages like `058Y`), BBox_List_2017.csv (9-field header, 6-field rows, `Infiltrate`), the split
 lists without a newline after the last line, the images (flat `images/` or `images_00N/images/`),
-and optionally phantom_extras/ as docs/architecture.md describes it. Tests then break one thing
-with `edit` or `append_line`.
+and optionally phantom_extras/ as docs/architecture.md describes it; `write_fine_labels` writes a
+user's location-aware labels for --fine-labels. Tests then break one thing with `edit` or
+`append_line`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ FINE_LABELS = (
     ("00000005_000.png", "Mass", "left", "middle", 24, 8, 8, 8),
 )
 
+# (Image Index, Fine Labels) of a user's location-aware labels for --fine-labels: an alias
+# (`Infiltrate`), an empty cell (no finding located) and a finding left unlocated
+# (Pleural_Thickening of 00000003_000); the other images are absent.
+USER_FINE_LABELS = (
+    ("00000001_000.png", ""),
+    ("00000001_001.png", "Effusion|right|lower;Infiltration|left|upper"),
+    ("00000003_000.png", "Nodule|left|lower;Mass|right|upper;Nodule|right|middle"),
+    ("00000005_000.png", "Infiltrate|right|middle;Mass|left|middle"),
+)
+
 _DATA_ENTRY_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,{gender},"
                       "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
 
@@ -110,6 +121,15 @@ def write_extras(root: pathlib.Path, images=IMAGES, fine_labels=FINE_LABELS) -> 
   info = dict(generator_version="fixture", seed=0, anatomy_names=list(ANATOMY_NAMES),
               label_names=list(labels.NIH_LABELS))
   (extras / "phantom_info.json").write_text(json.dumps(info))
+
+
+def write_fine_labels(path: str | os.PathLike, rows=USER_FINE_LABELS) -> pathlib.Path:
+  """Writes a --fine-labels CSV whose first column (`Source`) the converter is to ignore."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _write_lines(path, ["Source,Image Index,Fine Labels"]
+               + [f"imagenome,{image_id},{cell}" for image_id, cell in rows], final_newline=True)
+  return path
 
 
 def anatomy_map(size: tuple[int, int]) -> np.ndarray:

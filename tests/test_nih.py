@@ -67,6 +67,7 @@ def test_converts_release_and_round_trips(src, tmp_path):
   assert (manifest["seed"], manifest["val_fraction"], manifest["val_patients"]) == (0, 0.25, 1)
   assert manifest["boxes_from"] == "BBox_List_2017.csv"
   assert manifest["fine_label_names"] == manifest["anatomy_names"] == []
+  assert manifest["fine_labels_from"] is manifest["fine_labels_unlabelled"] is None
 
   records = read_all(out)
   for split, examples in records.items():
@@ -248,6 +249,9 @@ def test_phantom_extras_give_fine_labels_anatomy_and_instance_boxes(tmp_path):
   assert manifest["fine_label_names"] == list(vocabulary)
   assert manifest["anatomy_names"] == list(fx.ANATOMY_NAMES)
   assert manifest["boxes_from"] == "phantom_extras/fine_labels.csv"
+  # The phantom lists every finding instance: an image without one has none, which is known.
+  assert (manifest["fine_labels_from"], manifest["fine_labels_unlabelled"]) == (
+      "phantom_extras/fine_labels.csv", 0)
   examples = {ex.image_id: ex for exs in read_all(tmp_path / "out").values() for ex in exs}
   ex = examples["00000001_001.png"]  # a training image: boxes come with the extras only
   assert sorted(vocabulary[i] for i in np.flatnonzero(ex.fine_labels)) == [
@@ -275,6 +279,158 @@ def test_bad_extras_name_file_and_row(tmp_path):
   with pytest.raises(BadInputError, match=f"{DATA_ENTRY}, row {row}: cannot read label map"):
     convert(src, tmp_path / "no_map")
   assert os.listdir(tmp_path) == ["src"]
+
+
+VOCABULARY = labels.fine_vocabulary()
+ALL_UNKNOWN = np.full(len(VOCABULARY), np.nan, np.float32)
+
+
+def fine_vector(positives, unknown_findings=()):
+  """1 at the `positives`, NaN at every location of the `unknown_findings`, 0 elsewhere."""
+  return np.array([1.0 if name in positives else np.nan if name.split("|")[0] in unknown_findings
+                   else 0.0 for name in VOCABULARY], np.float32)
+
+
+# The fine labels of fx.USER_FINE_LABELS by image; an image absent from it has ALL_UNKNOWN.
+USER_FINE = {
+    "00000001_000.png": fine_vector([]),
+    "00000001_001.png": fine_vector(["Effusion|right|lower", "Infiltration|left|upper"]),
+    "00000003_000.png": fine_vector(
+        ["Nodule|left|lower", "Mass|right|upper", "Nodule|right|middle"],
+        unknown_findings=["Pleural_Thickening"]),
+    "00000005_000.png": fine_vector(["Infiltration|right|middle", "Mass|left|middle"]),
+}
+UNLABELLED = len(IMAGE_IDS) - len(USER_FINE)
+
+
+def examples_by_id(out):
+  return {ex.image_id: ex for exs in read_all(out).values() for ex in exs}
+
+
+def test_user_fine_labels_csv(src, tmp_path):
+  csv = fx.write_fine_labels(tmp_path / "labels" / "imagenome_fine.csv")
+  manifest = convert(src, tmp_path / "out", fine_labels=str(csv))
+  assert manifest["fine_label_names"] == list(VOCABULARY) and manifest["anatomy_names"] == []
+  assert (manifest["fine_labels_from"], manifest["fine_labels_unlabelled"]) == (
+      "imagenome_fine.csv", UNLABELLED)
+  assert manifest["boxes_from"] == "BBox_List_2017.csv" and manifest["skipped"]["count"] == 0
+  examples = examples_by_id(tmp_path / "out")
+  assert sorted(examples) == IMAGE_IDS
+  for image_id, ex in examples.items():
+    np.testing.assert_array_equal(ex.fine_labels, USER_FINE.get(image_id, ALL_UNKNOWN),
+                                  err_msg=image_id)
+    assert ex.anatomy is None
+  assert len(examples["00000005_000.png"].boxes) == 2  # boxes still come from BBox_List
+
+  counts = {kind: np.sum([v["fine_label_counts"][kind] for v in manifest["splits"].values()], 0)
+            for kind in ("positive", "negative", "uncertain", "unknown")}
+  column = {name: VOCABULARY.index(name) for name in (
+      "Mass|left|middle", "Effusion|right|lower", "Pleural_Thickening|left|upper")}
+  assert [counts["positive"][column[n]] for n in column] == [1, 1, 0]
+  # Of the labelled images, 00000003_000 has Pleural_Thickening but does not locate it.
+  assert [counts["negative"][column[n]] for n in column] == [3, 3, 3]
+  assert [counts["unknown"][column[n]] for n in column] == [
+      UNLABELLED, UNLABELLED, UNLABELLED + 1]
+  assert not counts["uncertain"].any()
+
+
+# name: (breaks the CSV, text of the row named, message part, the image the skipped row leaves
+# with unknown fine labels)
+FINE_BAD_INPUTS = {
+    "unknown fine label": (
+        lambda p: fx.edit(p, "Nodule|left|lower", "Tumor|left|lower"), "00000003_000.png",
+        "unknown fine label 'Tumor|left|lower'", "00000003_000.png"),
+    "bad location": (
+        lambda p: fx.edit(p, "Mass|left|middle", "Mass|centre|middle"), "00000005_000.png",
+        "bad location 'centre'", "00000005_000.png"),
+    "not a fine label": (
+        lambda p: fx.edit(p, "Effusion|right|lower", "Effusion|right"), "00000001_001.png",
+        "'Effusion|right' is not a fine label", "00000001_001.png"),
+    "malformed row": (
+        lambda p: fx.edit(p, "Infiltration|left|upper", "Infiltration|left|upper,oops"),
+        "00000001_001.png", "malformed row: 4 fields, expected 3", "00000001_001.png"),
+    "image not in Data_Entry": (
+        lambda p: fx.append_line(p, "imagenome,00000099_000.png,Mass|left|middle"),
+        "00000099_000.png",
+        f"fine labels for 00000099_000.png, which is not in {{src}}/{DATA_ENTRY}", None),
+    "duplicate row": (
+        lambda p: fx.append_line(p, "chexpert,00000001_001.png,Effusion|right|lower"), "chexpert,",
+        "00000001_001.png is also at row 3", "00000001_001.png"),
+    "finding not in the image's Finding Labels": (  # 00000005_000 is row 10 of Data_Entry
+        lambda p: fx.edit(p, "Infiltrate|right|middle", "Effusion|right|middle"),
+        "00000005_000.png", "Effusion|right|middle contradicts the Finding Labels "
+        f"'Infiltration|Mass' of 00000005_000.png ({{src}}/{DATA_ENTRY} row 10)",
+        "00000005_000.png"),
+}
+
+
+def _broken_fine_labels(src, tmp_path, case):
+  breaks, row_text, reason, unknown = FINE_BAD_INPUTS[case]
+  csv = fx.write_fine_labels(tmp_path / "labels" / "fine.csv")
+  breaks(csv)
+  return csv, fx.line_of(csv, row_text), reason.format(src=src), unknown
+
+
+@pytest.mark.parametrize("case", list(FINE_BAD_INPUTS))
+def test_bad_fine_labels_raise_with_file_and_row(src, tmp_path, case):
+  csv, row, reason, _ = _broken_fine_labels(src, tmp_path, case)
+  with pytest.raises(BadInputError) as error:
+    convert(src, tmp_path / "out", fine_labels=str(csv))
+  assert (error.value.file, error.value.row) == (str(csv), row)
+  assert f"{csv}, row {row}: " in str(error.value) and reason in str(error.value)
+  assert sorted(os.listdir(tmp_path)) == ["labels", "src"]
+
+
+@pytest.mark.parametrize("case", list(FINE_BAD_INPUTS))
+def test_skip_bad_fine_labels_row_leaves_them_unknown(src, tmp_path, case):
+  """A bad row is skipped and recorded; its image is written, with unknown fine labels (of a
+  duplicate, neither row is trusted)."""
+  csv, row, reason, unknown = _broken_fine_labels(src, tmp_path, case)
+  manifest = convert(src, tmp_path / "out", fine_labels=str(csv), skip_bad=True)
+  [item] = manifest["skipped"]["items"]
+  assert (item["file"], item["row"]) == (str(csv), row) and reason in item["reason"]
+  assert "image" not in item
+  examples = examples_by_id(tmp_path / "out")
+  assert sorted(examples) == IMAGE_IDS
+  for image_id, ex in examples.items():
+    expected = ALL_UNKNOWN if image_id == unknown else USER_FINE.get(image_id, ALL_UNKNOWN)
+    np.testing.assert_array_equal(ex.fine_labels, expected, err_msg=image_id)
+  assert manifest["fine_labels_unlabelled"] == UNLABELLED + (unknown is not None)
+
+
+def test_fine_labels_header_names_both_columns(src, tmp_path):
+  csv = fx.write_fine_labels(tmp_path / "labels" / "fine.csv")
+  fx.edit(csv, "Fine Labels", "Labels")
+  with pytest.raises(BadInputError) as error:
+    convert(src, tmp_path / "out", fine_labels=str(csv), skip_bad=True)
+  assert (error.value.file, error.value.row) == (str(csv), 1)
+  assert "header lacks columns ['Fine Labels']" in str(error.value)
+
+
+def test_fine_labels_and_phantom_extras_exclude_each_other(tmp_path):
+  src = fx.write_nih(tmp_path / "src", extras=True)
+  csv = fx.write_fine_labels(tmp_path / "labels" / "fine.csv")
+  for skip_bad in (False, True):
+    with pytest.raises(BadInputError) as error:
+      convert(src, tmp_path / "out", fine_labels=str(csv), skip_bad=skip_bad)
+    assert (error.value.file, error.value.row) == (str(csv), None)
+    assert f"cannot be combined with {src / 'phantom_extras'}" in str(error.value)
+  assert sorted(os.listdir(tmp_path)) == ["labels", "src"]
+
+
+def test_command_line_fine_labels(src, tmp_path):
+  csv = fx.write_fine_labels(tmp_path / "labels" / "fine.csv")
+  args = ["--out", str(tmp_path / "out"), "--image-size", str(SIZE), "--workers", "1",
+          "--fine-labels", str(csv)]
+  nih.main(args + ["--src", str(src)])
+  manifest = writer.load_manifest(tmp_path / "out")
+  assert (manifest["fine_labels_from"], manifest["fine_labels_unlabelled"]) == (
+      "fine.csv", UNLABELLED)
+  phantom = fx.write_nih(tmp_path / "phantom", extras=True)
+  with pytest.raises(SystemExit) as done:
+    nih.main(args + ["--src", str(phantom), "--overwrite"])
+  assert str(done.value.code).startswith(f"error: {csv}: --fine-labels cannot be combined")
+  assert writer.load_manifest(tmp_path / "out") == manifest
 
 
 def test_image_conversion_to_8_bit_gray():
