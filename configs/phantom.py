@@ -14,6 +14,13 @@ same optimizer, schedule and budget: a narrow ResNet at output stride 8 (16 x 16
 and FA module and fusion head of 64 channels instead of the authors' 512 (PHANTOM_HAM);
 `backbone=resnet` gives the baseline that backbone. The phantom experiment of
 docs/methods/ham.md (`benchmarks/localization.py`) compares them.
+
+`method=spf` learns the location-aware task (`data.target=fine_labels`: `Finding|side|zone`,
+scored by AUC and side/zone accuracy) with SPF on the same ResNet (16 x 16 maps, a 4 x 4 x 16
+bottleneck; PHANTOM_SPF), `head=gap` or `head=flatten` its baselines with the same classifier.
+The phantom recipe has no horizontal flip (a flip would also swap the labels' sides).
+`method=msml` trains the 14 findings with MSML + BCE on the DenseNet, with a bilinear head of 128
+reduced channels (PHANTOM_MSML); `head=gap` puts MSML on the baseline's head.
 """
 
 import os
@@ -22,10 +29,10 @@ import ml_collections
 
 from configs import common
 from cxr_jax.data import labels, writer
-from cxr_jax.methods import ham
+from cxr_jax.methods import ham, msml, spf
 from data_prep import phantom
 
-METHODS = ("baseline", "ham")
+METHODS = ("baseline", "ham", "spf", "msml")
 # The phantom's small backbones: a DenseNet, and a ResNet-18-style one with one block per stage,
 # widths 16..128, at output stride 8 for HAM (ours; HAM uses ResNet-50).
 BACKBONES = {
@@ -35,16 +42,22 @@ BACKBONES = {
 }
 # HAM's FA module and fusion head, narrowed like the backbone (HAM: 512 channels each).
 PHANTOM_HAM = dict(ham.DEFAULTS, fa_features=64, head_features=64)
+# SPF and MSML heads narrowed for the phantom's backbones (ours, like every SPF/MSML layer size).
+PHANTOM_SPF = dict(spf.DEFAULTS, reduce_channels=64, bottleneck_channels=16, hidden=128)
+PHANTOM_MSML = dict(msml.DEFAULTS, features=128)
 CACHE = os.environ.get("CXR_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cxr_jax"))
 
 
 def get_config(arg=None):
-  """The phantom recipe; `arg` may hold `smoke`, `method=baseline|ham` and
-  `backbone=densenet|resnet` (default: densenet for the baseline, resnet for HAM)."""
-  arg = common.parse_arg(arg, smoke=False, method="baseline", backbone="")
+  """The phantom recipe; `arg` may hold `smoke`, `method=baseline|ham|spf|msml`, `head=` (the
+  method's `head` field: SPF spf|gap|flatten, MSML bilinear|compact|gap) and
+  `backbone=densenet|resnet` (default: resnet for HAM and SPF, densenet otherwise)."""
+  arg = common.parse_arg(arg, smoke=False, method="baseline", backbone="", head="")
   if arg.method not in METHODS:
     raise ValueError(f"configs/phantom.py has no recipe for method {arg.method!r}; valid: {METHODS}")
-  backbone = arg.backbone or ("resnet" if arg.method == "ham" else "densenet")
+  if arg.head and arg.method not in ("spf", "msml"):
+    raise ValueError(f"configs/phantom.py: head={arg.head} is for method=spf or msml")
+  backbone = arg.backbone or ("resnet" if arg.method in ("ham", "spf") else "densenet")
   if backbone not in BACKBONES:
     raise ValueError(f"configs/phantom.py has no backbone {backbone!r}; valid: {BACKBONES}")
   c = common.get_config()
@@ -57,8 +70,6 @@ def get_config(arg=None):
   c.data.image_size = size
   c.data.augment.update(rotate_deg=5.0, scale=(0.95, 1.05), translate=0.03)
   c.model.backbone.update(BACKBONES[backbone])
-  if arg.method == "ham":
-    _use_ham(c)
   c.model.channels = 1  # trained from scratch: no ImageNet stem to feed three channels
   c.model.normalization = "unit"
   c.optim.update(name="adam", lr=2e-3, schedule="cosine", warmup_steps=50, weight_decay=0.0)
@@ -68,6 +79,8 @@ def get_config(arg=None):
   c.eval.evaluators = "classification,ham_localization,wang_localization"
   # The phantom boxes every finding; NIH's protocol reports its 8 box classes.
   c.eval.localization_classes = ",".join(labels.NIH_BOX_LABELS)
+  if arg.method in RECIPES:
+    RECIPES[arg.method](c, arg.head)
   if arg.smoke:
     if backbone == "densenet":
       c.model.backbone.update(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8,
@@ -76,6 +89,10 @@ def get_config(arg=None):
       c.model.backbone.width = 4
     if arg.method == "ham":
       c.model.ham.update(fa_features=8, head_features=8)
+    if arg.method == "spf":  # 4 x 4 maps at 32 px
+      c.model.spf.update(grid=2, reduce_channels=8, bottleneck_channels=4, hidden=16)
+    if arg.method == "msml":
+      c.model.msml.features = 8
     c.optim.warmup_steps = 0
     c.train.update(steps=4, global_batch=8, log_every=1, eval_every=4)
     c.checkpoint.every = 4
@@ -84,10 +101,31 @@ def get_config(arg=None):
   return c
 
 
-def _use_ham(c: ml_collections.ConfigDict) -> None:
+def _use_ham(c: ml_collections.ConfigDict, head: str) -> None:
   """Switches the phantom recipe's model to HAM (PHANTOM_HAM), with the authors' dropout and
   loss weights."""
+  del head  # HAM has one head
   c.model.name = "ham"
   c.model.dropout = 0.1
   c.model.ham = ml_collections.ConfigDict(PHANTOM_HAM)
   c.loss.ham_weights = ml_collections.ConfigDict(ham.LOSS_WEIGHTS)
+
+
+def _use_spf(c: ml_collections.ConfigDict, head: str) -> None:
+  """SPF (PHANTOM_SPF, `head` spf|gap|flatten) on the location-aware task."""
+  c.model.name = "spf"
+  c.model.spf = ml_collections.ConfigDict(dict(PHANTOM_SPF, head=head or "spf"))
+  c.loss.spf = ml_collections.ConfigDict(spf.LOSS_DEFAULTS)
+  c.data.target = "fine_labels"
+  c.eval.evaluators = "classification,location_accuracy"
+  c.eval.localization_classes = ""
+
+
+def _use_msml(c: ml_collections.ConfigDict, head: str) -> None:
+  """MSML + BCE (PHANTOM_MSML, `head` bilinear|compact|gap) on the 14 findings."""
+  c.model.name = "msml"
+  c.model.msml = ml_collections.ConfigDict(dict(PHANTOM_MSML, head=head or "bilinear"))
+  c.loss.msml = ml_collections.ConfigDict(msml.LOSS_DEFAULTS)
+
+
+RECIPES = {"ham": _use_ham, "spf": _use_spf, "msml": _use_msml}

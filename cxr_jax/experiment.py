@@ -191,7 +191,7 @@ def pretrained_files(init_from: str, backbones: Sequence[str]) -> dict[str, str]
 def initial_state(run: Run, example: dict[str, np.ndarray]) -> steps.TrainState:
   """A fresh sharded state; backbones, or the whole model, come from `config.init_from` when set."""
   config, variables = run.config, None
-  backbone_configs = dict(run.method.backbones)
+  backbone_configs = dict(run.method.backbones_of(config))
   files = pretrained_files(config.init_from, list(backbone_configs))
   if files:
     from cxr_jax.interop import convert, registry  # pylint: disable=g-import-not-at-top  (needs no torch for .safetensors)

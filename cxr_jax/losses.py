@@ -6,6 +6,9 @@ ignored uncertain labels, padding) contribute nothing, and the mean runs over th
   (|P| + |N|) / |P| and negatives (|P| + |N|) / |N|, with |P| and |N| counted within the batch
   (`loss.class_counts="batch"`, the paper's) or on the training split (`"train"`, from the task).
 - `focal`: focal loss (Lin et al. 2017) with focusing parameter gamma and optional alpha.
+- `msml`: the multi-label softmax loss (MSML) of `cxr_jax.methods.msml`, in two readings: each
+  positive against the pooled negatives ("pos_vs_neg"), or a softmax over every known label with
+  the target spread evenly over the positives ("normalized_target").
 """
 
 from __future__ import annotations
@@ -76,3 +79,54 @@ def classification_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
     return focal(logits, targets, mask, gamma=loss_config["focal_gamma"],
                  alpha=loss_config["focal_alpha"])
   raise ValueError(f"config.loss.name={name!r}; choose from {NAMES}")
+
+
+MSML_VARIANTS = ("pos_vs_neg", "normalized_target")
+# Stands for "absent" in a log-sum-exp: finite, unlike -inf, whose all-masked rows give NaN
+# gradients, and so large that exp(MASKED_LOGIT - s) is exactly 0 in float32.
+MASKED_LOGIT = -1e9
+
+
+def _pos_vs_neg(logits: jax.Array, positive: jax.Array, negative: jax.Array,
+                count: jax.Array) -> jax.Array:
+  """(B,) mean over positives p of softplus(LSE_{n in N}(s_n) - s_p); 0 for a row without any."""
+  lse_negatives = jax.nn.logsumexp(jnp.where(negative, logits, MASKED_LOGIT), axis=-1)
+  per_label = jax.nn.softplus(lse_negatives[:, None] - logits)
+  return jnp.sum(jnp.where(positive, per_label, 0.0), axis=-1) / count
+
+
+def _normalized_target(logits: jax.Array, positive: jax.Array, known: jax.Array,
+                       count: jax.Array) -> jax.Array:
+  """(B,) -sum_p (1/|P|) log softmax(s)_p, the softmax over the known labels only."""
+  log_probs = jax.nn.log_softmax(jnp.where(known, logits, MASKED_LOGIT), axis=-1)
+  return -jnp.sum(jnp.where(positive, log_probs, 0.0), axis=-1) / count
+
+
+def msml(logits: jax.Array, targets: jax.Array, mask: jax.Array, weight: jax.Array,
+         variant: str = "pos_vs_neg") -> jax.Array:
+  """The multi-label softmax loss, a weighted mean over the rows that have a positive.
+
+  A label is positive where target 1 and mask > 0, negative where target 0 and mask > 0; a label
+  with mask 0 (unknown, an ignored uncertain label) is neither. Rows without a positive weigh 0
+  and the mean divides by the weighted count of rows with one; a row without negatives costs
+  ~0 ("pos_vs_neg"), its limit.
+
+  Args:
+    logits: (B, C) scores; computed in float32.
+    targets: (B, C) 0/1 labels.
+    mask: (B, C) 1 where a label is known.
+    weight: (B,) example weights, 0 for padding.
+    variant: one of MSML_VARIANTS (module docstring).
+  """
+  logits = logits.astype(jnp.float32)
+  known = mask > 0
+  positive = known & (targets > 0.5)
+  count = jnp.sum(positive, axis=-1).astype(jnp.float32)
+  denominator = jnp.maximum(count, 1.0)
+  if variant == "pos_vs_neg":
+    per_row = _pos_vs_neg(logits, positive, known & ~positive, denominator)
+  elif variant == "normalized_target":
+    per_row = _normalized_target(logits, positive, known, denominator)
+  else:
+    raise ValueError(f"MSML variant {variant!r}: choose from {MSML_VARIANTS}")
+  return masked_mean(per_row, weight * (count > 0))

@@ -75,19 +75,24 @@ def test_phantom_smoke_trains_and_evaluates(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path,arg", [("phantom.py", "method=ham"), ("phantom.py", "method=ham,smoke"),
                                       ("phantom.py", "method=baseline,backbone=resnet"),
                                       ("nih/ham.py", "setting=loc_fold"),
+                                      ("phantom.py", "method=spf,head=flatten"),
+                                      ("phantom.py", "method=msml,head=compact"),
                                       ("nih/ham.py", "setting=loc_fold,smoke")])
 def test_config_variants_load_and_validate(path, arg):
   config = load_config(os.path.join(REPO, "configs", path), arg)
   config_utils.validate(config)
-  assert (config.model.name == "ham") == ("ham" in arg or "ham" in path)
+  method = "ham" if "ham" in path else dict(a.split("=") for a in arg.split(",") if "=" in a)["method"]
+  assert config.model.name == method
 
 
 def test_phantom_alone_is_the_baseline_and_bad_arguments_are_named():
   path = os.path.join(REPO, "configs", "phantom.py")
   assert load_config(path).model.name == "baseline"
   assert load_config(path).model.backbone.name == "densenet121"
-  with pytest.raises(ValueError, match=r"no recipe for method 'spf'; valid: \('baseline', 'ham'\)"):
-    load_config(path, "method=spf")
+  with pytest.raises(ValueError, match=r"no recipe for method 'can'; valid: \('baseline', 'ham', "):
+    load_config(path, "method=can")
+  with pytest.raises(ValueError, match="head=gap is for method=spf or msml"):
+    load_config(path, "method=ham,head=gap")
   with pytest.raises(ValueError, match="no backbone 'vit'"):
     load_config(path, "backbone=vit")
   with pytest.raises(ValueError, match="unknown HAM setting 'fold9'"):
@@ -104,3 +109,21 @@ def test_phantom_ham_smoke_trains_with_every_term_and_localizes(tmp_path, monkey
   assert last["train"]["ex_loss"] == 0 and last["train"]["bound_loss"] > 0
   located = evaluate.evaluate(str(tmp_path / "run"), "test", "best", n_boot=0)["localization"]
   assert located["ham_localization"]["n_pairs"] > 0 and located["wang_localization"]["n_boxes"] > 0
+
+
+@pytest.mark.parametrize("arg, terms", [("method=spf,smoke", {"cls_loss", "rec_loss"}),
+                                        ("method=spf,head=gap,smoke", {"cls_loss"}),
+                                        ("method=msml,smoke", {"bce_loss", "msml_loss"})])
+def test_phantom_spf_and_msml_smoke_train_and_evaluate(tmp_path, monkeypatch, arg, terms):
+  """SPF on the location-aware task (side and zone accuracy reported), MSML on the findings."""
+  monkeypatch.setenv("CXR_JAX_CACHE", str(tmp_path / "cache"))
+  config = load_config(os.path.join(REPO, "configs", "phantom.py"), arg)
+  last = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert terms <= set(last["train"]) and terms <= set(last["val"])
+  result = evaluate.evaluate(str(tmp_path / "run"), "test", "best", n_boot=0)
+  classes = result["classification"]["classes"]
+  if "spf" in arg:
+    assert all("|" in name for name in classes)  # Finding|side|zone
+    assert result["location_accuracy"] is not None
+  else:
+    assert set(classes) == set(labels.NIH_LABELS)

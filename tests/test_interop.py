@@ -86,6 +86,7 @@ def formula_images(channels=3) -> np.ndarray:
 def experiment(backbone: dict, channels: int = 3):
   """The project's base config with this backbone and input channel count."""
   config = common.get_config()
+  config.data.image_size = SIZE  # the tests' input size, which mirrors may size their layers by
   config.model.backbone.update(backbone)
   config.model.channels = channels
   return config
@@ -102,10 +103,13 @@ PACKAGE_METHODS = sorted(m.name for m in pkgutil.iter_modules(methods.__path__)
                          if m.name in methods.available())
 
 
-# A backbone for each method that takes only some (HAM: a ResNet at output stride 8).
-METHOD_BACKBONES = {"ham": {"name": "resnet50", "stage_sizes": (1, 1, 1, 1)}}
+# A backbone for each method that takes only some (HAM: a ResNet at output stride 8; SPF: a C5
+# of 8x8 at 64 px, which its default 4x4 grid fits).
+METHOD_BACKBONES = {"ham": {"name": "resnet50", "stage_sizes": (1, 1, 1, 1)},
+                    "spf": {"name": "resnet18", "stage_sizes": (1, 1, 1, 1), "width": 8,
+                            "output_stride": 8}}
 # Methods whose loss reads the logits alone and `config.loss`; the others check their torch loss in
-# their own tests (tests/test_ham_interop.py).
+# their own tests (tests/test_ham_interop.py, tests/test_spf.py).
 LOGITS_LOSS_METHODS = ("baseline",)
 
 

@@ -19,6 +19,10 @@ kernel of another rank-3+ layer, from a convolution):
   params/.../<name>           <name>                as is (bias, learned scalars)
   batch_stats/.../mean, var   running_mean, running_var
   (export only)               num_batches_tracked   int64 0 beside every running_var
+  `TorchNames.constants`      <key>                 fixed arrays the config determines (e.g. the
+                                                    random hashes of a Tensor Sketch): exported
+                                                    beside the variables, and an import refuses a
+                                                    file whose values differ
 
 Every method declares its names, with its plain-torch mirror and loss, in
 `cxr_jax.interop.registry`. Export needs only numpy (`to_state_dict` + `state_dict_to_safetensors`);
@@ -75,11 +79,15 @@ class TorchNames:
     flatten: torch key of a Linear's weight -> (H, W, C) of the NHWC map it takes flattened.
     kinds: ((regex over torch keys, kind), ...): the first match declares a kernel's kind, one of
       KINDS; kernels matching none are told by rank (module docstring).
+    constants: torch key -> array for the mirror's buffers that are no flax variable but a
+      function of the config: the model recomputes them, the file carries them so that torch
+      needs no config, and an import checks the two agree.
   """
 
   scopes: tuple[Scope, ...]
   flatten: Mapping[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
   kinds: tuple[tuple[str, str], ...] = ()
+  constants: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   def kind(self, key: str, rank: int) -> str:
     """The declared kind of the kernel with torch key `key`, else its kind by rank."""
@@ -252,6 +260,7 @@ def to_state_dict(variables: Mapping[str, Any], names: TorchNames) -> dict[str, 
     if leaf.path[0] == "batch_stats" and leaf.path[-1] == "var":
       # flax does not count BatchNorm updates; torch only reads the count when momentum is None.
       state_dict[names.key(".".join(leaf.path[1:-1]), "num_batches_tracked")] = np.array(0, np.int64)
+  state_dict.update({key: np.array(value, order="C") for key, value in names.constants.items()})
   return state_dict
 
 
@@ -259,20 +268,31 @@ def from_state_dict(state_dict: Mapping[str, Any], template: Mapping[str, Any],
                     names: TorchNames) -> dict[str, Any]:
   """Flax variables shaped like `template` (arrays or `jax.ShapeDtypeStruct`s) from a state_dict.
 
-  Strict: every template leaf must be in `state_dict` with the matching shape, and every key of
-  `state_dict` (but `num_batches_tracked`) must be used. Values become numpy arrays of the
-  template's dtypes.
+  Strict: every template leaf must be in `state_dict` with the matching shape, every one of
+  `names.constants` with the same value, and every key of `state_dict` (but
+  `num_batches_tracked`) must be used. Values become numpy arrays of the template's dtypes.
 
   Raises:
-    ValueError: listing every missing, mismatched and unused key.
+    ValueError: listing every missing, mismatched, differing and unused key.
   """
   flat = _flat(template)
   leaves = _leaves(template, names)
   missing, mismatched, _, values = _take(state_dict, leaves, flat)
-  unused = _unused(state_dict, leaves)
-  if missing or mismatched or unused:
-    raise ValueError(_problems(missing=missing, mismatched=mismatched, unused=unused))
+  absent, differing = _check_constants(state_dict, names.constants)
+  unused = [key for key in _unused(state_dict, leaves) if key not in names.constants]
+  if missing or absent or mismatched or differing or unused:
+    raise ValueError(_problems(missing=missing + absent, mismatched=mismatched,
+                               differing=differing, unused=unused))
   return _unflatten(values, template)
+
+
+def _check_constants(state_dict, constants) -> tuple[list[str], list[str]]:
+  """(missing keys, keys whose values differ from the config's) of `TorchNames.constants`."""
+  missing = [f"{key} (a constant of the config)" for key in constants if key not in state_dict]
+  differing = [f"{key}: the file's values are not the ones the config derives"
+               for key, value in constants.items()
+               if key in state_dict and not np.array_equal(np.asarray(state_dict[key]), value)]
+  return missing, differing
 
 
 def _take(state_dict, leaves, flat, *, sum_rgb=False):

@@ -31,18 +31,25 @@ class TorchSpec:
   loss: str
 
 
-def _ham_names(model_cfg: Mapping[str, Any]) -> convert.TorchNames:
-  """HAM's authors' state_dict keys; `cxr_jax.methods.ham` (flax) is imported only when asked."""
-  from cxr_jax.methods import ham  # pylint: disable=import-outside-toplevel
-  return ham.torch_names(model_cfg)
+def _method_names(method: str) -> Callable[[Mapping[str, Any]], convert.TorchNames]:
+  """`cxr_jax.methods.<method>.torch_names`, imported (with flax) only when asked."""
+  def names(model_cfg: Mapping[str, Any]) -> convert.TorchNames:
+    return importlib.import_module(f"cxr_jax.methods.{method}").torch_names(model_cfg)
+  return names
+
+
+def _own_mirror(method: str) -> TorchSpec:
+  """A method whose names are `cxr_jax.methods.<method>.torch_names` and whose mirror and loss
+  are `mirror` and `loss` of `cxr_jax.interop.torch_<method>`."""
+  module = f"cxr_jax.interop.torch_{method}"
+  return TorchSpec(names=_method_names(method), mirror=f"{module}:mirror", loss=f"{module}:loss")
 
 
 SPECS: dict[str, TorchSpec] = {
     "baseline": TorchSpec(names=convert.baseline_names,
                           mirror="cxr_jax.interop.torch_modules:baseline",
                           loss="cxr_jax.interop.torch_modules:baseline_loss"),
-    "ham": TorchSpec(names=_ham_names, mirror="cxr_jax.interop.torch_ham:mirror",
-                     loss="cxr_jax.interop.torch_ham:loss"),
+    **{method: _own_mirror(method) for method in ("ham", "spf", "msml")},
 }
 
 

@@ -13,10 +13,11 @@ only through these fields:
                                          every term; the trainer logs every term
   inputs      batch keys besides `image` the model reads (e.g. ("anatomy",)); the pipeline loads
               them because the method names them, and a dataset without them is refused at start
-  scores      how logits become scores: a name in `SCORES` ("sigmoid", or "softmax" for MSML),
-              used alike by evaluation, prediction and the exported PyTorch model
+  scores      how logits become scores: a name in `SCORES` ("sigmoid" or "softmax"), used
+              alike by evaluation, prediction and the exported PyTorch model
   backbones   ((top-level parameter subtree, dotted path of its backbone config), ...): the
-              backbones that take torchvision weights from `config.init_from`
+              backbones that take torchvision weights from `config.init_from`; a function of
+              the config returning them when the config decides how many there are
 
 A method outside this package registers itself with `register(name, METHOD)`.
 The task (`Task`) is built once from the dataset manifest and the config: what is learned, the
@@ -95,11 +96,17 @@ class Method:
   loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
   inputs: tuple[str, ...] = ()
   scores: str = "sigmoid"
-  backbones: tuple[tuple[str, str], ...] = (("backbone", "model.backbone"),)
+  backbones: (tuple[tuple[str, str], ...]
+              | Callable[[Mapping[str, Any]], tuple[tuple[str, str], ...]]) = (
+                  ("backbone", "model.backbone"),)
 
   def __post_init__(self):
     if self.scores not in SCORES:
       raise ValueError(f"scores={self.scores!r}: choose from {list(SCORES)}")
+
+  def backbones_of(self, config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The (parameter subtree, backbone config path) pairs of the model `config` describes."""
+    return self.backbones(config) if callable(self.backbones) else self.backbones
 
   def score(self, logits: jax.Array) -> jax.Array:
     """Scores (probabilities) from logits, the way this method defines them."""
@@ -122,6 +129,21 @@ def _modules() -> list[str]:
   return [m.name for m in pkgutil.iter_modules(__path__)
           if isinstance(getattr(importlib.import_module(f"{__name__}.{m.name}"), "METHOD", None),
                         Method)]
+
+
+def fields(section: Mapping[str, Any], where: str, defaults: Mapping[str, Any],
+           choices: Mapping[str, tuple[Any, ...]] | None = None) -> dict[str, Any]:
+  """A method's own config fields: `section` (e.g. `config.model.ham`, absent = {}) over its
+  `defaults`, refusing a field `defaults` lacks and a value outside its `choices`; `where`
+  ("config.model.ham") names them in errors."""
+  merged = {**defaults, **section}
+  unknown = sorted(set(merged) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown {where} fields {unknown}; valid: {sorted(defaults)}")
+  for name, valid in (choices or {}).items():
+    if merged[name] not in valid:
+      raise ValueError(f"{where}.{name} must be one of {valid}, got {merged[name]!r}")
+  return merged
 
 
 def available() -> list[str]:

@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxr_jax import backbones, layers, losses
+from cxr_jax import backbones, layers, losses, methods
 from cxr_jax.backbones.resnet import ResNet
 from cxr_jax.interop import convert
 from cxr_jax.metrics import localization
@@ -214,13 +214,9 @@ DEFAULTS = dict(fa=True, fa_features=512, head_features=512, pooling="lse", lse_
 
 def settings(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
   """`config.model.ham` over `DEFAULTS`, plus the dropout: the `Model` fields a config sets."""
-  fields = {**DEFAULTS, **model_cfg.get("ham", {})}
-  unknown = sorted(set(fields) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown config.model.ham fields {unknown}; valid: {sorted(DEFAULTS)}")
-  if fields["pooling"] not in POOLINGS:
-    raise ValueError(f"config.model.ham.pooling must be one of {POOLINGS}, got {fields['pooling']!r}")
-  return {**fields, "dropout": model_cfg["dropout"]}
+  own = methods.fields(model_cfg.get("ham", {}), "config.model.ham", DEFAULTS,
+                       {"pooling": POOLINGS})
+  return {**own, "dropout": model_cfg["dropout"]}
 
 
 def build(config: Mapping[str, Any], task: Task) -> Model:
