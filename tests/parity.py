@@ -6,7 +6,9 @@ the largest difference by a fraction of the largest expected magnitude instead, 
 sit close to the measured error whatever the output's scale.
 """
 
+import jax
 import numpy as np
+from flax import traverse_util
 
 # Scales below this are treated as this: an all-zero expected output still gets a finite bound.
 SCALE_FLOOR = 1e-6
@@ -28,3 +30,19 @@ def assert_close_to_scale(actual, expected, *, rel: float, name: str) -> None:
   assert diff <= rel * scale, (
       f"{name}: max |actual - expected| = {diff:.3g}, scale max |expected| = {scale:.3g}, "
       f"ratio {diff / scale:.3g} > allowed {rel:.3g}")
+
+
+def randomize(variables, seed=0):
+  """Non-trivial BatchNorm statistics and affines and a non-zero FA gamma on initialised flax
+  variables, so a conversion or mirror that drops any of them shows."""
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables))
+  for path, value in flat.items():
+    noise = rng.uniform(-1, 1, value.shape).astype(value.dtype)
+    if path[-1] in ("scale", "var"):
+      flat[path] = 1 + 0.3 * noise
+    elif path[-1] in ("bias", "mean"):
+      flat[path] = 0.2 * noise
+    elif path[-1] == "gamma":
+      flat[path] = np.full_like(value, 0.5)
+  return traverse_util.unflatten_dict(flat)

@@ -13,13 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
 
 import test_ham
 from cxr_jax import methods
 from cxr_jax.interop import convert, registry, torch_ham
 from cxr_jax.methods import ham
-from parity import assert_close_to_scale, relative_error
+from parity import assert_close_to_scale, randomize, relative_error
 
 SMALL = {"name": "resnet50", "stage_sizes": (1, 1, 1, 1)}
 # float32 flax vs torch, relative to each output's largest value: about 5x the largest error
@@ -46,22 +45,6 @@ def config(backbone, dtype="float32"):
 
 def task(num_classes):
   return methods.Task(target="labels", class_names=tuple(f"c{i}" for i in range(num_classes)))
-
-
-def randomize(variables, seed=0):
-  """Non-trivial BatchNorm statistics and affines and a non-zero FA gamma on initialised flax
-  variables, so a conversion or mirror that drops any of them shows."""
-  rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables))
-  for path, value in flat.items():
-    noise = rng.uniform(-1, 1, value.shape).astype(value.dtype)
-    if path[-1] in ("scale", "var"):
-      flat[path] = 1 + 0.3 * noise
-    elif path[-1] in ("bias", "mean"):
-      flat[path] = 0.2 * noise
-    elif path[-1] == "gamma":
-      flat[path] = np.full_like(value, 0.5)
-  return traverse_util.unflatten_dict(flat)
 
 
 def flax_and_mirror(cfg, num_classes, variables_fn, images):

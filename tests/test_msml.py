@@ -14,7 +14,7 @@ from flax import traverse_util
 from cxr_jax import losses, methods
 from cxr_jax.interop import convert, registry, torch_msml
 from cxr_jax.methods import msml
-from parity import assert_close_to_scale
+from parity import assert_close_to_scale, randomize
 
 TINY_DENSENET = {"name": "densenet121", "growth_rate": 4, "block_config": (1, 1, 1, 1),
                  "num_init_features": 8, "bn_size": 2}
@@ -275,16 +275,7 @@ def test_sketch_constants_follow_the_seed():
 
 def randomized_variables(model, images):
   """Initialised variables with non-trivial BatchNorm statistics and affines."""
-  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
-  rng = np.random.default_rng(0)
-  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, variables))
-  for path, value in flat.items():
-    noise = rng.uniform(-1, 1, value.shape).astype(value.dtype)
-    if path[-1] in ("scale", "var"):
-      flat[path] = 1 + 0.3 * noise
-    elif path[-1] in ("bias", "mean"):
-      flat[path] = 0.2 * noise
-  return traverse_util.unflatten_dict(flat)
+  return randomize(jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images))
 
 
 def exported(cfg, tmp_path):

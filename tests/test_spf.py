@@ -16,8 +16,8 @@ from flax import traverse_util
 from cxr_jax import methods
 from cxr_jax.interop import convert, registry, torch_spf
 from cxr_jax.methods import spf
-from parity import assert_close_to_scale, relative_error
-from test_ham_interop import randomize, run_mirror
+from parity import assert_close_to_scale, randomize, relative_error
+from test_ham_interop import run_mirror
 
 SIZE = 64
 K = 5
