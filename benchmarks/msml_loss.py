@@ -10,10 +10,7 @@ rest as in `studies.py`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import studies
-from cxr_jax.data import labels
 
 VARIANTS = {
     "bce": ("method=baseline", ()),
@@ -23,23 +20,8 @@ VARIANTS = {
 }
 
 
-def read_run(directory: str) -> dict[str, Any]:
-  """A run's test classification report."""
-  return studies.read_json(directory, "eval_test.json")
-
-
-def tables(results: studies.Results) -> str:
-  """Mean AUC, then AUC per finding, mean ± std over seeds."""
-  summary = studies.summary_table(results, {"mean AUC": lambda r: r["mean_auc"]})
-  per_class = studies.markdown(
-      ["finding", *results],
-      [[name, *(studies.mean_spread([r["classes"][name]["auc"] for r in runs])
-                for runs in results.values())] for name in labels.NIH_LABELS])
-  return (f"Test split, mean ± sample std over seeds.\n\n{summary}\n\n"
-          f"AUC per finding:\n\n{per_class}\n")
-
-
-STUDY = studies.Study(VARIANTS, read_run, tables, default_variants=tuple(VARIANTS),
+STUDY = studies.Study(VARIANTS, studies.classification_report, studies.auc_tables,
+                      default_variants=tuple(VARIANTS),
                       default_workdir="runs/msml")
 
 

@@ -26,11 +26,6 @@ VARIANTS = {
 MIN_TEST_POSITIVES = 10  # a fine label's AUC enters the mean from this many test positives
 
 
-def read_run(directory: str) -> dict[str, Any]:
-  """A run's test classification report; location accuracy is its `location_accuracy`."""
-  return studies.read_json(directory, "eval_test.json")
-
-
 def fine_mean_auc(report: dict[str, Any]) -> float:
   """Mean AUC over the fine labels with at least MIN_TEST_POSITIVES test positives."""
   aucs = [c["auc"] for c in report["classes"].values()
@@ -72,7 +67,8 @@ def tables(results: studies.Results) -> str:
           f"Zone accuracy per finding:\n\n{per_finding(results, 'zone_acc')}\n")
 
 
-STUDY = studies.Study(VARIANTS, read_run, tables, default_variants=tuple(VARIANTS),
+STUDY = studies.Study(VARIANTS, studies.classification_report, tables,
+                      default_variants=tuple(VARIANTS),
                       default_workdir="runs/spf")
 
 

@@ -1,14 +1,15 @@
 """What the phantom experiments share: variants trained with seeds, evaluated, tabulated.
 
-A study (`benchmarks/localization.py`, `spf_location.py`, `msml_loss.py`) names its variants, each
-a `configs/phantom.py` argument plus command-line overrides, and a function that turns the runs'
-reports into markdown tables. `main` trains and evaluates every (variant, seed) not evaluated yet,
-each in fresh processes as a user would (`cxr_jax.train`, then `cxr_jax.evaluate --split test` on
-the best-by-validation checkpoint), up to `--parallel` at a time, each pinned to its own CPU core
-where the OS allows (on 2 cores two pinned runs finish in about two thirds of the time of two in
-sequence: a small-model step does not use both cores). A run whose `eval_test.json` exists is read,
-not retrained, so a command resumes and a second invocation with other variants prints them side by
-side. The tables go to stdout and `<workdir>/table.md`.
+A study (`benchmarks/localization.py`, `spf_location.py`, `msml_loss.py`, `can_ablations.py`)
+names its variants, each a `configs/phantom.py` argument plus command-line overrides, and a
+function that turns the runs' reports into markdown tables. `main` trains and evaluates every
+(variant, seed) not evaluated yet, each in fresh processes as a user would (`cxr_jax.train`, then
+`cxr_jax.evaluate --split test` on the best-by-validation checkpoint), up to `--parallel` at a
+time, each pinned to its own CPU core where the OS allows (measured on 2 cores: two pinned
+phantom runs take 129 s where two in sequence take 190 s; a small model's step does not use both
+cores). A run whose `eval_test.json` exists is read, not retrained, so a command resumes and a
+second invocation with other variants prints them side by side. The tables go to stdout and
+`<workdir>/table.md`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from absl import app, flags, logging
+
+from cxr_jax.data import labels
 
 # Variant -> (configs/phantom.py argument, command-line overrides).
 Variants = Mapping[str, tuple[str, tuple[str, ...]]]
@@ -63,6 +66,11 @@ def read_json(directory: str, name: str) -> dict[str, Any]:
   """One of the JSON reports `cxr_jax.evaluate` wrote into a run directory."""
   with open(os.path.join(directory, name), encoding="utf-8") as f:
     return json.load(f)
+
+
+def classification_report(directory: str) -> dict[str, Any]:
+  """A run's classification report on the test split (`eval_test.json`)."""
+  return read_json(directory, "eval_test.json")
 
 
 def commands(variants: Variants, variant: str, seed: int, directory: str) -> list[list[str]]:
@@ -137,12 +145,25 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def summary_table(results: Results, columns: Mapping[str, Callable[[dict[str, Any]], float]]) -> str:
+def summary_table(results: Results,
+                  columns: Mapping[str, Callable[[dict[str, Any]], float]]) -> str:
   """One row per variant: its seed count and each column's mean ± std over the seeds."""
   return markdown(["variant", "seeds", *columns],
                   [[variant, str(len(runs)),
                     *(mean_spread([column(r) for r in runs]) for column in columns.values())]
                    for variant, runs in results.items()])
+
+
+def auc_tables(results: Results) -> str:
+  """For studies of the 14 findings: mean AUC, then AUC per finding, mean ± std over seeds, from
+  each run's `eval_test.json`."""
+  summary = summary_table(results, {"mean AUC": lambda r: r["mean_auc"]})
+  per_class = markdown(
+      ["finding", *results],
+      [[name, *(mean_spread([r["classes"][name]["auc"] for r in runs])
+                for runs in results.values())] for name in labels.NIH_LABELS])
+  return (f"Test split, mean ± sample std over seeds.\n\n{summary}\n\n"
+          f"AUC per finding:\n\n{per_class}\n")
 
 
 def main(study: Study, argv: Sequence[str]) -> None:

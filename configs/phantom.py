@@ -21,6 +21,9 @@ bottleneck; PHANTOM_SPF), `head=gap` or `head=flatten` its baselines with the sa
 The phantom recipe has no horizontal flip (a flip would also swap the labels' sides).
 `method=msml` trains the 14 findings with MSML + BCE on the DenseNet, with a bilinear head of 128
 reduced channels (PHANTOM_MSML); `head=gap` puts MSML on the baseline's head.
+`method=can` trains CAN with two of the baseline's DenseNets as branches (each its own random
+init), CAN's balance loss (class-balanced focal BCE, training-split counts) and attention loss; its
+ablations are command-line overrides (benchmarks/can_ablations.py).
 """
 
 import os
@@ -29,10 +32,10 @@ import ml_collections
 
 from configs import common
 from cxr_jax.data import labels, writer
-from cxr_jax.methods import ham, msml, spf
+from cxr_jax.methods import can, ham, msml, spf
 from data_prep import phantom
 
-METHODS = ("baseline", "ham", "spf", "msml")
+METHODS = ("baseline", "ham", "spf", "msml", "can")
 # The phantom's small backbones: a DenseNet, and a ResNet-18-style one with one block per stage,
 # widths 16..128, at output stride 8 for HAM (ours; HAM uses ResNet-50).
 BACKBONES = {
@@ -49,7 +52,7 @@ CACHE = os.environ.get("CXR_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".
 
 
 def get_config(arg=None):
-  """The phantom recipe; `arg` may hold `smoke`, `method=baseline|ham|spf|msml`, `head=` (the
+  """The phantom recipe; `arg` may hold `smoke`, `method=baseline|ham|spf|msml|can`, `head=` (the
   method's `head` field: SPF spf|gap|flatten, MSML bilinear|compact|gap) and
   `backbone=densenet|resnet` (default: resnet for HAM and SPF, densenet otherwise)."""
   arg = common.parse_arg(arg, smoke=False, method="baseline", backbone="", head="")
@@ -128,4 +131,13 @@ def _use_msml(c: ml_collections.ConfigDict, head: str) -> None:
   c.loss.msml = ml_collections.ConfigDict(msml.LOSS_DEFAULTS)
 
 
-RECIPES = {"ham": _use_ham, "spf": _use_spf, "msml": _use_msml}
+def _use_can(c: ml_collections.ConfigDict, head: str) -> None:
+  """CAN (can.DEFAULTS) with its balance and attention losses on the 14 findings."""
+  del head  # CAN's variants are config.model.can fields
+  c.model.name = "can"
+  c.model.can = ml_collections.ConfigDict(can.DEFAULTS)
+  c.loss.update(name="balanced_focal", class_counts="train")
+  c.loss.can = ml_collections.ConfigDict(can.LOSS_DEFAULTS)
+
+
+RECIPES = {"ham": _use_ham, "spf": _use_spf, "msml": _use_msml, "can": _use_can}

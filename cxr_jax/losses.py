@@ -6,6 +6,10 @@ ignored uncertain labels, padding) contribute nothing, and the mean runs over th
   (|P| + |N|) / |P| and negatives (|P| + |N|) / |N|, with |P| and |N| counted within the batch
   (`loss.class_counts="batch"`, the paper's) or on the training split (`"train"`, from the task).
 - `focal`: focal loss (Lin et al. 2017) with focusing parameter gamma and optional alpha.
+- `balanced_focal`: focal loss with W-CEL's class weights, CAN's multi-label balance loss (our
+  reading, docs/methods/can.md): positives of a class weigh (|P| + |N|) / |P|, negatives
+  (|P| + |N|) / |N|, each focal-modulated with gamma; counts from the training split ("train") or
+  the batch with +1 added to |P| and |N| ("batch"), so a class absent from the batch stays finite.
 - `msml`: the multi-label softmax loss (MSML) of `cxr_jax.methods.msml`, in two readings: each
   positive against the pooled negatives ("pos_vs_neg"), or a softmax over every known label with
   the target spread evenly over the positives ("normalized_target").
@@ -18,7 +22,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-NAMES = ("bce", "wbce", "focal")
+NAMES = ("bce", "wbce", "focal", "balanced_focal")
 CLASS_COUNTS = ("batch", "train")
 
 
@@ -61,6 +65,20 @@ def focal(logits, targets, mask, *, gamma: float = 2.0, alpha: float = -1.0) -> 
   return masked_mean(terms, mask)
 
 
+def balanced_focal(logits, targets, mask, counts=None, *, gamma: float = 2.0) -> jax.Array:
+  """Class-balanced focal BCE in log space: -[b+ (1-p)^g y log p + b- p^g (1-y) log(1-p)],
+  masked mean; b+, b- from `counts` = (positives, negatives) per class, or from the batch's
+  counts each plus 1 when None."""
+  if counts is None:
+    counts = (jnp.sum(targets * mask, axis=0) + 1.0, jnp.sum((1 - targets) * mask, axis=0) + 1.0)
+  pos, neg = counts
+  total = pos + neg
+  log_p, log_not_p = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  positive_terms = (total / jnp.maximum(pos, 1.0)) * jnp.exp(gamma * log_not_p) * log_p
+  negative_terms = (total / jnp.maximum(neg, 1.0)) * jnp.exp(gamma * log_p) * log_not_p
+  return masked_mean(-(targets * positive_terms + (1 - targets) * negative_terms), mask)
+
+
 def classification_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
                         loss_config: Mapping[str, Any], task: Any = None) -> jax.Array:
   """The multi-label loss named by `config.loss.name`, on float32 logits.
@@ -78,6 +96,9 @@ def classification_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   if name == "focal":
     return focal(logits, targets, mask, gamma=loss_config["focal_gamma"],
                  alpha=loss_config["focal_alpha"])
+  if name == "balanced_focal":
+    counts = task.counts() if loss_config["class_counts"] == "train" else None
+    return balanced_focal(logits, targets, mask, counts, gamma=loss_config["focal_gamma"])
   raise ValueError(f"config.loss.name={name!r}; choose from {NAMES}")
 
 

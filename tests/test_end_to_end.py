@@ -77,11 +77,16 @@ def test_phantom_smoke_trains_and_evaluates(tmp_path, monkeypatch):
                                       ("nih/ham.py", "setting=loc_fold"),
                                       ("phantom.py", "method=spf,head=flatten"),
                                       ("phantom.py", "method=msml,head=compact"),
+                                      ("phantom.py", "method=can"),
+                                      ("nih/can.py", ""), ("nih/can.py", "res=224,smoke"),
                                       ("nih/ham.py", "setting=loc_fold,smoke")])
 def test_config_variants_load_and_validate(path, arg):
   config = load_config(os.path.join(REPO, "configs", path), arg)
   config_utils.validate(config)
-  method = "ham" if "ham" in path else dict(a.split("=") for a in arg.split(",") if "=" in a)["method"]
+  if path.startswith("nih/"):
+    method = os.path.splitext(os.path.basename(path))[0]
+  else:
+    method = dict(a.split("=") for a in arg.split(",") if "=" in a)["method"]
   assert config.model.name == method
 
 
@@ -89,8 +94,8 @@ def test_phantom_alone_is_the_baseline_and_bad_arguments_are_named():
   path = os.path.join(REPO, "configs", "phantom.py")
   assert load_config(path).model.name == "baseline"
   assert load_config(path).model.backbone.name == "densenet121"
-  with pytest.raises(ValueError, match=r"no recipe for method 'can'; valid: \('baseline', 'ham', "):
-    load_config(path, "method=can")
+  with pytest.raises(ValueError, match=r"no recipe for method 'xnet'; valid: \('baseline', 'ham', "):
+    load_config(path, "method=xnet")
   with pytest.raises(ValueError, match="head=gap is for method=spf or msml"):
     load_config(path, "method=ham,head=gap")
   with pytest.raises(ValueError, match="no backbone 'vit'"):
@@ -113,9 +118,11 @@ def test_phantom_ham_smoke_trains_with_every_term_and_localizes(tmp_path, monkey
 
 @pytest.mark.parametrize("arg, terms", [("method=spf,smoke", {"cls_loss", "rec_loss"}),
                                         ("method=spf,head=gap,smoke", {"cls_loss"}),
-                                        ("method=msml,smoke", {"bce_loss", "msml_loss"})])
-def test_phantom_spf_and_msml_smoke_train_and_evaluate(tmp_path, monkeypatch, arg, terms):
-  """SPF on the location-aware task (side and zone accuracy reported), MSML on the findings."""
+                                        ("method=msml,smoke", {"bce_loss", "msml_loss"}),
+                                        ("method=can,smoke", {"cls_loss", "att_loss"})])
+def test_phantom_method_smokes_train_and_evaluate(tmp_path, monkeypatch, arg, terms):
+  """SPF on the location-aware task (side and zone accuracy reported), MSML and CAN on the
+  findings."""
   monkeypatch.setenv("CXR_JAX_CACHE", str(tmp_path / "cache"))
   config = load_config(os.path.join(REPO, "configs", "phantom.py"), arg)
   last = train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -49,7 +49,7 @@ SPECS: dict[str, TorchSpec] = {
     "baseline": TorchSpec(names=convert.baseline_names,
                           mirror="cxr_jax.interop.torch_modules:baseline",
                           loss="cxr_jax.interop.torch_modules:baseline_loss"),
-    **{method: _own_mirror(method) for method in ("ham", "spf", "msml")},
+    **{method: _own_mirror(method) for method in ("ham", "spf", "msml", "can")},
 }
 
 

@@ -215,16 +215,29 @@ def _masked_mean(values, mask):
   return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _class_counts(targets, mask, loss_config: Mapping[str, Any], task: Any, smoothing: float):
+  """Per-class (positives, negatives): the task's training counts, or the batch's plus
+  `smoothing`, as `config.loss.class_counts` says."""
+  if loss_config["class_counts"] == "train":
+    return tuple(torch.as_tensor(np.array(c), device=targets.device) for c in task.counts())
+  return ((targets * mask).sum(0) + smoothing, ((1 - targets) * mask).sum(0) + smoothing)
+
+
 def classification_loss(logits, targets, mask, loss_config: Mapping[str, Any], task: Any = None):
-  """`cxr_jax.losses.classification_loss` in torch: BCE, W-CEL or focal over a weighted mask."""
+  """`cxr_jax.losses.classification_loss` in torch: BCE, W-CEL, focal or balanced focal over a
+  weighted mask."""
   logits = logits.float()
   terms = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
   name = loss_config["name"]
-  if name == "wbce":
-    if loss_config["class_counts"] == "train":
-      pos, neg = (torch.as_tensor(np.array(c), device=logits.device) for c in task.counts())
-    else:
-      pos, neg = (targets * mask).sum(0), ((1 - targets) * mask).sum(0)
+  if name == "balanced_focal":
+    pos, neg = _class_counts(targets, mask, loss_config, task, smoothing=1.0)
+    total = pos + neg
+    log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
+    gamma = loss_config["focal_gamma"]
+    terms = -(targets * (total / pos.clamp(min=1.0)) * torch.exp(gamma * log_not_p) * log_p
+              + (1 - targets) * (total / neg.clamp(min=1.0)) * torch.exp(gamma * log_p) * log_not_p)
+  elif name == "wbce":
+    pos, neg = _class_counts(targets, mask, loss_config, task, smoothing=0.0)
     total = pos + neg
     w_pos = torch.where(pos > 0, total / pos.clamp(min=1.0), torch.ones_like(pos))
     w_neg = torch.where(neg > 0, total / neg.clamp(min=1.0), torch.ones_like(neg))
