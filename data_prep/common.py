@@ -13,11 +13,13 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import gzip
 import hashlib
 import io
 import multiprocessing
 import os
 import time
+import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -85,8 +87,11 @@ class BadInputs:
 
 
 def read_csv(path: str) -> Iterator[tuple[int, list[str]]]:
-  """Yields (1-based line number, stripped fields) for each non-blank row of a CSV file."""
-  with open(path, newline="", encoding="utf-8-sig") as f:
+  """Yields (1-based line number, stripped fields) for each non-blank row of a CSV file, plain or
+  gzipped (a `.gz` name, as MIMIC-CXR distributes its tables; lines count in the decompressed
+  text)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
     reader = csv.reader(f)
     try:
       for fields in reader:
@@ -96,6 +101,8 @@ def read_csv(path: str) -> Iterator[tuple[int, list[str]]]:
       raise BadInputError(path, reader.line_num, f"unreadable CSV: {e}") from e
     except UnicodeDecodeError as e:  # decoding runs ahead of the rows, so no row to name
       raise BadInputError(path, None, f"not UTF-8 text: {e}") from e
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a corrupt or truncated .gz
+      raise BadInputError(path, None, f"cannot read: {e}") from e
 
 
 def strip_trailing_empty(fields: Sequence[str]) -> list[str]:

@@ -20,6 +20,15 @@ NIH_LABELS = (
 # The 8 classes with boxes in NIH's BBox_List_2017.csv: the classes localization is reported on.
 NIH_BOX_LABELS = NIH_LABELS[:8]
 NO_FINDING = "No Finding"
+# CheXpert's 14 observations in its CSVs' column order (also MIMIC-CXR-JPG's chexpert and negbio
+# label files), in the project's spelling: "Pleural Effusion" is "Effusion" (ALIASES).
+CHEXPERT_LABELS = (
+    NO_FINDING, "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Effusion",
+    "Pleural Other", "Fracture", "Support Devices",
+)
+# The CheXpert competition's 5 evaluated observations, in its order.
+CHEXPERT_COMPETITION_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion")
 # Spellings found in the official files and peers, mapped to the project's names.
 ALIASES = {"Infiltrate": "Infiltration", "Pleural Effusion": "Effusion",
            "Pleural Thickening": "Pleural_Thickening"}
