@@ -49,9 +49,9 @@ def test_every_variant_is_a_valid_phantom_config(study, variant):
   assert config.model.name == arg.split(",")[0].removeprefix("method=")
 
 
-def test_spf_variants_differ_only_in_what_the_classifier_reads():
-  configs = {v: load_config(os.path.join(REPO, "configs", "phantom.py"), arg)
-             for v, (arg, _) in spf_location.VARIANTS.items()}
+def test_spf_claim_variants_differ_only_in_what_the_classifier_reads():
+  configs = {v: load_config(os.path.join(REPO, "configs", "phantom.py"),
+                            spf_location.VARIANTS[v][0]) for v in spf_location.CLAIM}
   heads = {v: c.model.spf.head for v, c in configs.items()}
   assert heads == {"spf": "spf", "spf-gap": "gap", "spf-flatten": "flatten", "spf-no-rec": "spf"}
   for c in configs.values():
