@@ -4,7 +4,8 @@ A converter (`data_prep.nih`, later `chexpert`, `mimic`) reads its dataset's own
 each bad input as a `BadInputError` (file + 1-based row) through `BadInputs`, turns images into
 pre-resized 8-bit grayscale PNGs with `prepare_image` in a pool (`parallel_map`), carves a
 validation split by patient with `carve_by_patient`, and writes everything with
-`cxr_jax.data.writer.DatasetWriter`.
+`cxr_jax.data.writer.DatasetWriter`. A user's location-aware labels (--fine-labels) are read by
+`data_prep.fine_labels`.
 """
 
 from __future__ import annotations
@@ -130,6 +131,17 @@ def column_index(header: Sequence[str], required: Sequence[str], path: str,
   if missing:
     raise BadInputError(path, line, f"header lacks columns {missing}; it has {list(header)}")
   return {name: list(header).index(name) for name in required}
+
+
+def read_columns(path: str, columns: Sequence[str],
+                 ) -> tuple[Iterator[tuple[int, list[str]]], int, dict[str, int]]:
+  """The (line, fields) rows after a CSV file's header, the header's width and the positions of
+  the named `columns` in it, found by name (others are ignored); a header without them is bad
+  input."""
+  rows = read_csv(path)
+  header_line, header = next(rows, (1, []))
+  header = strip_trailing_empty(header)
+  return rows, len(header), column_index(header, columns, path, header_line)
 
 
 def to_gray8(image: Image.Image) -> Image.Image:

@@ -1,8 +1,8 @@
 """Converts MIMIC-CXR-JPG 2.x, as released, into a prepared cxr_jax dataset (splits train/val/test).
 
     python -m data_prep.mimic --src DIR --out DIR --image-size S [--labeler chexpert|negbio]
-        [--views frontal|all] [--one-per-study] [--keep-unlabelled] [--workers N] [--skip-bad]
-        [--overwrite]
+        [--views frontal|all] [--one-per-study] [--keep-unlabelled] [--fine-labels FILE]
+        [--workers N] [--skip-bad] [--overwrite]
 
 Reads from --src (each CSV as `NAME.csv.gz`, as PhysioNet distributes it, or `NAME.csv`; when
 both are there the .csv.gz is read, being the file the release's checksums cover; the manifest
@@ -22,6 +22,19 @@ in the (decompressed) CSV:
       as 8-bit grayscale S x S PNGs (area interpolation) by a pool of --workers processes. Their
       ids are checked (subject and study ids digits, dicom ids letters, digits and dashes), so that
       no path leaves --src; symlinked folders under it are followed.
+  --fine-labels (optional, any path)   your own location-aware labels, per image (e.g. derived
+      from Chest ImaGenome's scene graphs): a CSV with columns `dicom_id` and `Fine Labels` (found
+      by header name; others are ignored), one row per image of split.csv; the cell holds
+      `Finding|side|zone` names separated by `;` (`Atelectasis|left|lower;Effusion|right|lower`),
+      empty for none, over labels.fine_vocabulary(FINE_FINDINGS): the CHEXPERT_LABELS that have a
+      location, i.e. all but "No Finding" and "Support Devices". Records gain fine labels over that
+      vocabulary: 1 for a listed location, 0 for the others, and NaN (unknown, masked in training)
+      for every location of an image absent from the CSV, and of a finding positive (1) in its
+      study's labels that its row does not locate. A listed finding may be uncertain (-1) or blank
+      in the study's labels (the row then settles it), not negative (0). See data_prep.fine_labels.
+      cxr_manifest.json records the file (`fine_labels_from`) and the written images whose fine
+      labels are all unknown (`fine_labels_unlabelled`: absent from it, or with a row skipped by
+      --skip-bad).
 
 Records: image_id is the image's path under files/ (`p10/p10000032/s50414267/02aa804e-....jpg`),
 patient_id the subject_id, study_id the study_id, view the ViewPosition.
@@ -39,11 +52,14 @@ out):
 Every bad input (a missing or unreadable image; a malformed row; a bad subject, study or dicom id;
 an unknown split; a subject in two splits; a dicom_id twice in split.csv or metadata.csv; an image
 without a metadata row, or whose metadata row names another subject or study; a bad label value;
-a second label row for a study) stops the conversion with an error naming the file and row, and
-leaves --out as it was; with --skip-bad it is logged, left out and listed in cxr_manifest.json
-instead (a bad label row and a subject in two splits are listed once for each image they make
-unusable). A missing file, an unreadable (e.g. truncated .gz) file or a wrong header always stops
-the conversion.
+a second label row for a study; of --fine-labels a malformed row, a dicom_id not in split.csv, a
+second row for an image, an unknown fine label, a fine label whose finding is negative in the
+study's labels) stops the conversion with an error naming the file and row, and leaves --out
+as it was; with --skip-bad it is logged, left out and listed in cxr_manifest.json instead (a bad
+label row and a subject in two splits are listed once for each image they make unusable; an image
+with a bad --fine-labels row is written with unknown fine labels, as no row of it can be
+trusted). A missing file, an unreadable (e.g. truncated .gz) file or a wrong header always stops
+the conversion (of --fine-labels, a header without `dicom_id` and `Fine Labels`).
 """
 
 from __future__ import annotations
@@ -61,6 +77,7 @@ from absl import logging
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.data import tfrecord, writer
 from data_prep import common
+from data_prep import fine_labels as fine_lib
 from data_prep.common import BadInputError
 
 VERSION = "1.0"
@@ -87,6 +104,11 @@ SPLITS = {"train": "train", "validate": "val", "test": "test"}  # official name 
 FRONTAL_VIEWS = ("PA", "AP")  # in order of preference for --one-per-study
 UNKNOWN_VIEW = "UNKNOWN"
 VIEW_CHOICES = ("frontal", "all")
+# The findings of --fine-labels: the CHEXPERT_LABELS that can be located; "No Finding" and
+# "Support Devices" (lines, tubes and pacemakers wherever they run) have no side and zone.
+FINE_FINDINGS = tuple(name for name in labels_lib.CHEXPERT_LABELS
+                      if name not in (labels_lib.NO_FINDING, "Support Devices"))
+FINE_LABEL_ID = "dicom_id"  # the image column of --fine-labels: the user's labels are per image
 # Subject ids have at least the two digits of their pXX folder; a dicom id is letters, digits and
 # dashes (in the release, five groups of 8 hex digits), so no id can take a path out of --src.
 SUBJECT_ID = re.compile(r"[0-9]{2,}")
@@ -94,6 +116,9 @@ STUDY_ID = re.compile(r"[0-9]+")
 DICOM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 
 Study = tuple[str, str]  # (subject_id, study_id): the key of a label row
+# The labels of an image whose study has no label row (kept with --keep-unlabelled).
+NO_LABELS = np.full(len(labels_lib.CHEXPERT_LABELS), np.nan, np.float32)
+NO_LABELS.flags.writeable = False  # shared by every such image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,11 +155,12 @@ class Item:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What the metadata says to write, the split file (which names the images' rows) and the
-  manifest facts."""
+  """What the metadata says to write, the split file (which names the images' rows), the fine
+  labels by dicom_id (None without --fine-labels) and the manifest facts."""
 
   split_file: str
   items: list[Item]
+  fine: fine_lib.FineLabels | None
   facts: dict
 
 
@@ -283,10 +309,11 @@ def report_study(bad: common.BadInputs, path: str, line: int, reason: str,
     bad.report(BadInputError(path, line, reason, image=image))
 
 
-def read_labels(path: str, dicoms: dict[str, Dicom],
-                bad: common.BadInputs) -> dict[Study, np.ndarray]:
-  """The label vector of each study; a bad row makes every image of its study bad (a second row
-  for a study too: neither row is more trustworthy)."""
+def read_labels(path: str, dicoms: dict[str, Dicom], bad: common.BadInputs,
+                ) -> tuple[dict[Study, np.ndarray], dict[Study, int]]:
+  """The label vector of each study and the row of each study's (first) label row; a bad row
+  makes every image of its study bad (a second row for a study too: neither row is more
+  trustworthy)."""
   images_of = collections.defaultdict(list)
   for dicom in live(dicoms, bad):
     images_of[dicom.study].append(dicom.image_id)
@@ -306,7 +333,25 @@ def read_labels(path: str, dicoms: dict[str, Dicom],
       vectors[study] = parse_labels(fields[2:], positions)
     except ValueError as e:
       report_study(bad, path, line, str(e), images_of.get(study, []))
-  return vectors
+  return vectors, row_of
+
+
+def read_fine_labels(path: str, dicoms: dict[str, Dicom], vectors: dict[Study, np.ndarray],
+                     label_rows: dict[Study, int], split_path: str, label_path: str,
+                     bad: common.BadInputs) -> fine_lib.FineLabels:
+  """The location-aware labels of the --fine-labels CSV (module docstring) by dicom_id, checked
+  against the labels of each image's study (`vectors`, whose rows are `label_rows`)."""
+  def describe(dicom_id, finding):
+    dicom = dicoms[dicom_id]
+    return (f"the labels of its study {dicom.study_id} of subject {dicom.subject_id} "
+            f"({label_path} row {label_rows[dicom.study]}), where {finding} is 0.0 (negative)")
+
+  images = fine_lib.Images(
+      findings=FINE_FINDINGS, label_names=labels_lib.CHEXPERT_LABELS, id_column=FINE_LABEL_ID,
+      labels={d.dicom_id: vectors.get(d.study, NO_LABELS) for d in dicoms.values()},
+      listed_in=split_path, describe=describe,
+      skip={d.dicom_id for d in dicoms.values() if d.image_id in bad.dropped})
+  return fine_lib.read_fine_labels(path, images, bad)
 
 
 def select_views(dicoms: Iterable[Dicom], views: dict[str, str], which: str) -> list[Dicom]:
@@ -365,8 +410,10 @@ class Options:
       raise ValueError(f"unknown views {self.views!r}; choose from {list(VIEW_CHOICES)}")
 
 
-def plan(src: str, bad: common.BadInputs, options: Options) -> Plan:
-  """Reads and checks the CSV files, joins labels and views to the images and selects them."""
+def plan(src: str, bad: common.BadInputs, options: Options,
+         fine_labels: str | None = None) -> Plan:
+  """Reads and checks the CSV files (`fine_labels`: the --fine-labels CSV), joins labels and
+  views to the images and selects them."""
   split_path = find_csv(src, SPLIT_FILE)
   metadata_path = find_csv(src, METADATA_FILE)
   label_path = find_csv(src, LABEL_FILES[options.labeler])
@@ -374,7 +421,9 @@ def plan(src: str, bad: common.BadInputs, options: Options) -> Plan:
   check_subjects(split_path, dicoms, bad)
   views, metadata_only = read_metadata(metadata_path, dicoms, split_path, bad)
   check_metadata_present(split_path, metadata_path, dicoms, views, bad)
-  vectors = read_labels(label_path, dicoms, bad)
+  vectors, label_rows = read_labels(label_path, dicoms, bad)
+  fine = (read_fine_labels(fine_labels, dicoms, vectors, label_rows, split_path, label_path, bad)
+          if fine_labels else None)
 
   good = live(dicoms, bad)
   labelled = [d for d in good if d.study in vectors]
@@ -388,8 +437,7 @@ def plan(src: str, bad: common.BadInputs, options: Options) -> Plan:
   found = check_images_found(src, split_path, viewed, bad)
   kept = one_per_study(found, views) if options.one_per_study else found
 
-  no_labels = np.full(len(labels_lib.CHEXPERT_LABELS), np.nan, np.float32)
-  items = [Item(d, SPLITS[d.split], views[d.dicom_id], vectors.get(d.study, no_labels),
+  items = [Item(d, SPLITS[d.split], views[d.dicom_id], vectors.get(d.study, NO_LABELS),
                 image_path(src, d)) for d in sorted(kept, key=lambda d: d.image_id)]
   facts = dict(
       labeler=options.labeler, label_file=os.path.basename(label_path),
@@ -399,8 +447,9 @@ def plan(src: str, bad: common.BadInputs, options: Options) -> Plan:
       unlabelled=unlabelled, not_frontal=len(chosen) - len(viewed),
       not_first_of_study=len(found) - len(kept), metadata_only=metadata_only,
       view_counts=dict(sorted(collections.Counter(views[d.dicom_id] for d in good).items())),
-      split_sizes=split_sizes(items))
-  return Plan(split_path, items, facts)
+      split_sizes=split_sizes(items),
+      **fine_lib.manifest_facts(fine, [item.dicom.dicom_id for item in items]))
+  return Plan(split_path, items, fine, facts)
 
 
 def split_sizes(items: Sequence[Item]) -> dict[str, dict[str, int]]:
@@ -413,20 +462,23 @@ def split_sizes(items: Sequence[Item]) -> dict[str, dict[str, int]]:
           for split in sorted(subjects)}
 
 
-def make_example(item: Item, result: common.ImageResult) -> tfrecord.CxrExample:
+def make_example(item: Item, result: common.ImageResult,
+                 fine: fine_lib.FineLabels | None) -> tfrecord.CxrExample:
   """The record of a prepared image."""
   dicom = item.dicom
   return tfrecord.CxrExample(image=result.png, image_id=dicom.image_id,
                              patient_id=dicom.subject_id, study_id=dicom.study_id,
-                             view=item.view, labels=item.labels)
+                             view=item.view, labels=item.labels,
+                             fine_labels=fine.vector_of(dicom.dicom_id) if fine else None)
 
 
 def convert(src: str, out: str, *, image_size: int, labeler: str = "chexpert",
             views: str = "frontal", one_per_study: bool = False, keep_unlabelled: bool = False,
-            workers: int = 1, skip_bad: bool = False, overwrite: bool = False,
+            fine_labels: str | None = None, workers: int = 1, skip_bad: bool = False,
+            overwrite: bool = False,
             max_shard_bytes: int = writer.DEFAULT_MAX_SHARD_BYTES) -> dict:
   """Converts the MIMIC-CXR-JPG release in `src` into a prepared dataset in `out`; returns its
-  manifest. The options are the module docstring's.
+  manifest. The options are the module docstring's; `fine_labels` is the --fine-labels CSV.
 
   Raises:
     BadInputError (a ValueError) naming the file and row of the first bad input, leaving `out`
@@ -437,11 +489,12 @@ def convert(src: str, out: str, *, image_size: int, labeler: str = "chexpert",
   options = Options(labeler, views, one_per_study, keep_unlabelled)
   options.check()
   bad = common.BadInputs(skip_bad)
-  todo = plan(src, bad, options)
+  todo = plan(src, bad, options, fine_labels)
   with writer.DatasetWriter(
       out, DATASET_NAME, label_names=labels_lib.CHEXPERT_LABELS, image_size=image_size,
       converter="data_prep.mimic", converter_version=VERSION, source=os.path.abspath(src),
-      max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra=todo.facts) as dataset:
+      fine_label_names=todo.fine.names if todo.fine else (), max_shard_bytes=max_shard_bytes,
+      overwrite=overwrite, extra=todo.facts) as dataset:
     bad.record_to(dataset)
     jobs = [common.ImageJob(item.path, image_size) for item in todo.items]
     with common.parallel_map(common.prepare_image, jobs, workers) as results:
@@ -450,13 +503,13 @@ def convert(src: str, out: str, *, image_size: int, labeler: str = "chexpert",
           bad.report(BadInputError(todo.split_file, item.dicom.line, result.error,
                                    image=item.dicom.image_id))
           continue
-        dataset.add(item.split, make_example(item, result))
+        dataset.add(item.split, make_example(item, result, todo.fine))
   return writer.load_manifest(out)
 
 
 def argument_parser() -> argparse.ArgumentParser:
   """Every converter's arguments (bar the validation carve: MIMIC has an official validation
-  split) and MIMIC's choices of labels and images."""
+  split), MIMIC's choices of labels and images, and its location-aware labels."""
   parser = common.argument_parser(__doc__)
   # Left at None so that main can tell that they were given, and refuse them.
   parser.set_defaults(val_fraction=None, seed=None)
@@ -471,6 +524,8 @@ def argument_parser() -> argparse.ArgumentParser:
   parser.add_argument("--keep-unlabelled", action="store_true",
                       help="write the images of studies without a label row, with unknown labels "
                       "(default: leave them out)")
+  parser.add_argument("--fine-labels", help="CSV of location-aware labels per image: dicom_id, "
+                      "Fine Labels (`Atelectasis|left|lower;Effusion|right|lower`)")
   return parser
 
 
@@ -485,8 +540,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   try:
     manifest = convert(args.src, args.out, image_size=args.image_size, labeler=args.labeler,
                        views=args.views, one_per_study=args.one_per_study,
-                       keep_unlabelled=args.keep_unlabelled, workers=args.workers,
-                       skip_bad=args.skip_bad, overwrite=args.overwrite)
+                       keep_unlabelled=args.keep_unlabelled, fine_labels=args.fine_labels,
+                       workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite)
   except (BadInputError, FileExistsError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from e
   print(summary(args.out, manifest))

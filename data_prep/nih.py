@@ -55,7 +55,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from absl import logging
@@ -63,6 +63,7 @@ from absl import logging
 from cxr_jax.data import labels as labels_lib
 from cxr_jax.data import tfrecord, writer
 from data_prep import common
+from data_prep import fine_labels as fine_lib
 from data_prep.common import BadInputError
 
 VERSION = "1.0"
@@ -75,8 +76,7 @@ TRAIN_SIDES = ("train_val", "train")
 EXTRAS_DIR = "phantom_extras"
 DATA_ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
 FINE_LABEL_COLUMNS = ("Image Index", "Finding Label", "Side", "Zone", "x", "y", "w", "h")
-USER_FINE_LABEL_COLUMNS = ("Image Index", "Fine Labels")  # of --fine-labels
-FINE_LABEL_SEPARATOR = ";"  # `|` already separates a fine label's finding, side and zone
+USER_FINE_LABEL_ID = "Image Index"  # the image column of --fine-labels
 BBOX_WIDTH = 6  # Image Index, Finding Label, x, y, w, h
 
 
@@ -126,40 +126,10 @@ class ListOptionsError(ValueError):
 
 
 @dataclasses.dataclass
-class FineLabels:
-  """Location-aware label vectors over `names` by image, read from `source` (named in the
-  manifest). An image without a vector gets `absent` for every name: 0 from the phantom, which
-  lists every finding instance; NaN (unknown) from --fine-labels, which need not cover every image.
-  """
-
-  names: tuple[str, ...]
-  source: str
-  absent: float
-  vectors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-
-  def position(self, name: str) -> int:
-    """Index of a fine label in `names`; ValueError if it is not there."""
-    if name not in self.names:
-      raise ValueError(f"unknown fine label {name!r}: not in the fine-label vocabulary (Finding|"
-                       f"side|zone, side in {labels_lib.SIDES}, zone in {labels_lib.ZONES})")
-    return self.names.index(name)
-
-  def vector_of(self, image_id: str) -> np.ndarray:
-    """The fine labels of an image."""
-    return self.vectors.get(image_id, np.full(len(self.names), self.absent, np.float32))
-
-  def count_unlabelled(self, image_ids: Sequence[str]) -> int:
-    """How many of the images get unknown fine labels, having no vector."""
-    if not np.isnan(self.absent):
-      return 0
-    return sum(1 for image_id in image_ids if image_id not in self.vectors)
-
-
-@dataclasses.dataclass
 class Extras:
   """What phantom_extras/ adds: fine labels, instance boxes and anatomy maps."""
 
-  fine: FineLabels
+  fine: fine_lib.FineLabels
   anatomy_names: tuple[str, ...]
   boxes: dict[str, list[Box]]
   anatomy_dir: str
@@ -184,7 +154,7 @@ class Plan:
 
   data_entry: str
   items: list[Item]
-  fine: FineLabels | None
+  fine: fine_lib.FineLabels | None
   anatomy_names: tuple[str, ...]
   facts: dict
 
@@ -210,19 +180,9 @@ def label_index(name: str) -> int:
   return labels_lib.NIH_LABELS.index(label)
 
 
-def read_table(path: str, columns: Sequence[str],
-               ) -> tuple[Iterator[tuple[int, list[str]]], int, dict[str, int]]:
-  """The (line, fields) rows after a CSV file's header, the header's width and the positions of
-  the named `columns` in it; a header without them is bad input."""
-  rows = common.read_csv(path)
-  header_line, header = next(rows, (1, []))
-  header = common.strip_trailing_empty(header)
-  return rows, len(header), common.column_index(header, columns, path, header_line)
-
-
 def read_data_entry(path: str, bad: common.BadInputs) -> dict[str, Entry]:
   """The rows of Data_Entry_2017[_v2020].csv by Image Index."""
-  rows, width, column = read_table(path, DATA_ENTRY_COLUMNS)
+  rows, width, column = common.read_columns(path, DATA_ENTRY_COLUMNS)
   entries: dict[str, Entry] = {}
   for line, fields in rows:
     image_id = fields[column["Image Index"]] if column["Image Index"] < len(fields) else ""
@@ -332,7 +292,8 @@ def _parse_xywh(texts: Sequence[str]) -> tuple[float, float, float, float]:
 
 def _usable(image_id: str, what: str, entries: dict[str, Entry], bad: common.BadInputs,
             path: str, line: int, data_entry: str) -> bool:
-  """Whether a row about `image_id` applies: not for a dropped image; an unknown one is bad input."""
+  """Whether a row about `image_id` applies: not for a dropped image; an unknown one is bad
+  input."""
   if image_id in bad.dropped:
     return False
   if image_id not in entries:
@@ -373,12 +334,13 @@ def read_extras(src: str, data_entry: str, entries: dict[str, Entry],
       raise BadInputError(info_path, e.lineno, f"not JSON: {e.msg}") from e
   if "anatomy_names" not in info:
     raise BadInputError(info_path, None, "has no anatomy_names")
-  fine = FineLabels(tuple(info.get("fine_label_names") or labels_lib.fine_vocabulary()),
-                    source=f"{EXTRAS_DIR}/fine_labels.csv", absent=0.0)
+  fine = fine_lib.FineLabels(
+      tuple(info.get("fine_label_names") or labels_lib.fine_vocabulary()),
+      source=f"{EXTRAS_DIR}/fine_labels.csv", absent=0.0)
   extras = Extras(fine=fine, anatomy_names=tuple(info["anatomy_names"]),
                   boxes=collections.defaultdict(list), anatomy_dir=os.path.join(root, "anatomy"))
   path = os.path.join(root, "fine_labels.csv")
-  rows, width, column = read_table(path, FINE_LABEL_COLUMNS)
+  rows, width, column = common.read_columns(path, FINE_LABEL_COLUMNS)
   for line, fields in rows:
     try:
       fields = common.fit_fields(fields, width)
@@ -403,70 +365,27 @@ def check_fine_labels_option(src: str, fine_labels: str | None) -> None:
                         "which brings its own fine labels; remove one of them")
 
 
-def parse_fine_label(text: str) -> str:
-  """The vocabulary's spelling of a `Finding|side|zone` name (`Infiltrate` -> `Infiltration`)."""
-  parts = text.split("|")
-  if len(parts) != 3:
-    raise ValueError(f"{text!r} is not a fine label Finding|side|zone")
-  return labels_lib.fine_label(*(part.strip() for part in parts))
-
-
-def finding_of(fine_name: str) -> str:
-  """The finding of a `Finding|side|zone` name."""
-  return fine_name.partition("|")[0]
-
-
 def finding_names(entry: Entry) -> str:
   """An image's Finding Labels, spelt as in Data_Entry."""
   names = [labels_lib.NIH_LABELS[i] for i in np.flatnonzero(entry.labels)]
   return "|".join(names) or labels_lib.NO_FINDING
 
 
-def fine_vector(cell: str, entry: Entry, fine: FineLabels, data_entry: str) -> np.ndarray:
-  """The fine labels of a `Fine Labels` cell about the image of `entry`: 1 at each listed label,
-  0 at the other locations, but NaN at every location of a finding of the image's Finding Labels
-  that the cell does not locate (0 there would contradict Data_Entry). ValueError for an unknown
-  fine label, or one whose finding the image lacks."""
-  vector = np.zeros(len(fine.names), np.float32)
-  has = {labels_lib.NIH_LABELS[i] for i in np.flatnonzero(entry.labels)}
-  listed = [parse_fine_label(text) for text in cell.split(FINE_LABEL_SEPARATOR) if text.strip()]
-  for name in listed:
-    position = fine.position(name)
-    if finding_of(name) not in has:
-      raise ValueError(f"{name} contradicts the Finding Labels {finding_names(entry)!r} of "
-                       f"{entry.image_id} ({data_entry} row {entry.line})")
-    vector[position] = 1.0
-  unlocated = has - {finding_of(name) for name in listed}
-  vector[[finding_of(name) in unlocated for name in fine.names]] = np.nan
-  return vector
-
-
 def read_fine_labels(path: str, data_entry: str, entries: dict[str, Entry],
-                     bad: common.BadInputs) -> FineLabels:
-  """The location-aware labels of the --fine-labels CSV (module docstring); an image it lacks,
-  or whose row is bad, gets unknown (NaN) fine labels."""
-  fine = FineLabels(labels_lib.fine_vocabulary(), source=os.path.basename(path), absent=np.nan)
-  rows, width, column = read_table(path, USER_FINE_LABEL_COLUMNS)
-  row_of: dict[str, int] = {}
-  for line, fields in rows:
-    try:
-      fields = common.fit_fields(fields, width)
-    except ValueError as e:
-      bad.report(BadInputError(path, line, str(e)))
-      continue
-    image_id, cell = (fields[column[c]] for c in USER_FINE_LABEL_COLUMNS)
-    if not _usable(image_id, "fine labels", entries, bad, path, line, data_entry):
-      continue
-    if image_id in row_of:
-      fine.vectors.pop(image_id, None)  # neither row is more trustworthy than the other
-      bad.report(BadInputError(path, line, f"{image_id} is also at row {row_of[image_id]}"))
-      continue
-    row_of[image_id] = line
-    try:
-      fine.vectors[image_id] = fine_vector(cell, entries[image_id], fine, data_entry)
-    except ValueError as e:
-      bad.report(BadInputError(path, line, str(e)))
-  return fine
+                     bad: common.BadInputs) -> fine_lib.FineLabels:
+  """The location-aware labels of the --fine-labels CSV (module docstring; data_prep.fine_labels
+  reads it) by Image Index; an image it lacks, or whose row is bad, gets unknown (NaN) fine
+  labels."""
+  def describe(image_id, _):
+    entry = entries[image_id]
+    return (f"the Finding Labels {finding_names(entry)!r} of {image_id} ({data_entry} row "
+            f"{entry.line})")
+
+  images = fine_lib.Images(
+      findings=labels_lib.NIH_LABELS, label_names=labels_lib.NIH_LABELS,
+      id_column=USER_FINE_LABEL_ID, labels={i: e.labels for i, e in entries.items()},
+      listed_in=data_entry, describe=describe, skip=bad.dropped)
+  return fine_lib.read_fine_labels(path, images, bad)
 
 
 def find_images(src: str) -> dict[str, str]:
@@ -615,27 +534,16 @@ def plan(src: str, bad: common.BadInputs, val_fraction: float, seed: int, lists:
   items = [Item(e, splits[e.image_id], image_paths[e.image_id], tuple(boxes.get(e.image_id, ())),
                 label_map_of(e), box_supervised=e.image_id in marked) for e in kept]
   val_patients = {item.entry.patient_id for item in items if item.split == "val"}
+  fine_facts = fine_lib.manifest_facts(fine, [item.entry.image_id for item in items])
   facts = dict(data_entry=os.path.basename(data_entry),
                val_fraction=None if val_from_list else val_fraction, seed=seed,
                val_patients=len(val_patients), boxes_from=boxes_from,
-               **split_facts(lists, entries, listed, items, bad), **fine_facts(fine, items))
+               **split_facts(lists, entries, listed, items, bad), **fine_facts)
   return Plan(data_entry, items, fine, extras.anatomy_names if extras else (), facts)
 
 
-def fine_facts(fine: FineLabels | None, items: Sequence[Item]) -> dict:
-  """What the manifest records of the fine labels: their file, and how many images they leave
-  unknown (None without fine labels)."""
-  if fine is None:
-    return dict(fine_labels_from=None, fine_labels_unlabelled=None)
-  unlabelled = fine.count_unlabelled([item.entry.image_id for item in items])
-  if unlabelled:
-    logging.info("%d images have no usable row in %s: their fine labels are unknown", unlabelled,
-                 fine.source)
-  return dict(fine_labels_from=fine.source, fine_labels_unlabelled=unlabelled)
-
-
 def make_example(item: Item, result: common.ImageResult,
-                 fine: FineLabels | None) -> tfrecord.CxrExample:
+                 fine: fine_lib.FineLabels | None) -> tfrecord.CxrExample:
   """The record of a prepared image."""
   entry = item.entry
   fine_labels = fine.vector_of(entry.image_id) if fine else None

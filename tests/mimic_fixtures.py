@@ -5,8 +5,8 @@ distributes them) or plain, and files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg as small 
 The fixture has the three official splits, subject-disjoint; a study with a PA, an AP (of smaller
 dicom_id) and a lateral image; a study with two APs; LL and blank views; blank, 0.0, 1.0 and -1.0
 label values; a study without a label row; a label row and a metadata row of images that are in
-no split row. Tests then break one thing with `edit` or `append_line`, which read and write .gz
-files too.
+no split row. `write_fine_labels` writes a user's location-aware labels for --fine-labels. Tests
+then break one thing with `edit` or `append_line`, which read and write .gz files too.
 """
 
 from __future__ import annotations
@@ -95,6 +95,21 @@ NEGBIO = {**CHEXPERT,
           ("10000032", "50000001"): {"Pleural Effusion": "1.0", "Support Devices": "-1.0"},
           ("11000011", "50000004"): {"Pneumothorax": "0.0"}}
 
+# (image number, Fine Labels) of a user's location-aware labels for --fine-labels, against the
+# chexpert labels above: a finding uncertain (-1) in its study listed under an alias (`Pleural
+# Effusion` of 0x20), an empty cell leaving a positive finding unlocated (Atelectasis of 0x10),
+# a positive finding unlocated beside located ones (Lung Opacity of 0x50), a blank finding listed
+# (Lung Lesion of 0x61), a lateral that is not written by default (0x30) and an image of the
+# study without labels (0x71); the other images are absent.
+USER_FINE_LABELS = (
+    (0x20, "Atelectasis|left|lower;Pleural Effusion|right|lower"),
+    (0x10, ""),
+    (0x30, "Atelectasis|right|lower"),
+    (0x50, "Edema|right|lower;Edema|left|lower;Consolidation|right|lower"),
+    (0x61, "Pneumothorax|left|upper;Lung Lesion|left|upper"),
+    (0x71, "Edema|left|middle"),
+)
+
 
 def write_mimic(root: str | os.PathLike, *, gz: bool = True, images=IMAGES, chexpert=CHEXPERT,
                 negbio=NEGBIO) -> pathlib.Path:
@@ -114,6 +129,17 @@ def write_mimic(root: str | os.PathLike, *, gz: bool = True, images=IMAGES, chex
   write_text(root / (METADATA_FILE + suffix), "".join(
       [METADATA_HEADER + "\n"] + [_metadata_line(j) for j in images + (METADATA_ONLY,)]))
   return root
+
+
+def write_fine_labels(path: str | os.PathLike, rows=USER_FINE_LABELS) -> pathlib.Path:
+  """Writes a --fine-labels CSV whose columns are in another order than the converter names them,
+  with a `Source` column it is to ignore."""
+  by_number = {jpg.number: jpg for jpg in IMAGES}
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  write_text(path, "".join(["Fine Labels,Source,dicom_id\n"] + [
+      f"{cell},imagenome,{by_number[number].dicom_id}\n" for number, cell in rows]))
+  return path
 
 
 def _label_lines(rows) -> str:

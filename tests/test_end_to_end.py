@@ -79,11 +79,12 @@ def test_phantom_smoke_trains_and_evaluates(tmp_path, monkeypatch):
                                       ("phantom.py", "method=msml,head=compact"),
                                       ("phantom.py", "method=can"),
                                       ("nih/can.py", ""), ("nih/can.py", "res=224,smoke"),
-                                      ("nih/ham.py", "setting=loc_fold,smoke")])
+                                      ("nih/ham.py", "setting=loc_fold,smoke"),
+                                      ("mimic/spf.py", ""), ("mimic/spf.py", "smoke")])
 def test_config_variants_load_and_validate(path, arg):
   config = load_config(os.path.join(REPO, "configs", path), arg)
   config_utils.validate(config)
-  if path.startswith("nih/"):
+  if path.startswith(("nih/", "mimic/")):
     method = os.path.splitext(os.path.basename(path))[0]
   else:
     method = dict(a.split("=") for a in arg.split(",") if "=" in a)["method"]

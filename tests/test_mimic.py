@@ -423,3 +423,159 @@ def test_command_line(src, tmp_path):
   assert done.returncode == 1 and "row 13: cannot read image" in done.stderr
   assert sorted(os.listdir(tmp_path)) == ["out", "src"]
   assert json.loads((out / "cxr_manifest.json").read_text())["created"] == manifest["created"]
+
+
+FINE_VOCABULARY = labels.fine_vocabulary(mimic.FINE_FINDINGS)
+ALL_UNKNOWN = np.full(len(FINE_VOCABULARY), np.nan, np.float32)
+
+
+def fine_vector(positives, unknown_findings=()):
+  """1 at the `positives`, NaN at every location of the `unknown_findings`, 0 elsewhere."""
+  return np.array([1.0 if name in positives else np.nan if name.split("|")[0] in unknown_findings
+                   else 0.0 for name in FINE_VOCABULARY], np.float32)
+
+
+# The fine labels of fx.USER_FINE_LABELS by image, written with --keep-unlabelled; the other images
+# have ALL_UNKNOWN.
+USER_FINE = {
+    image_id(0x20): fine_vector(["Atelectasis|left|lower", "Effusion|right|lower"]),
+    image_id(0x10): fine_vector([], unknown_findings=["Atelectasis"]),
+    image_id(0x50): fine_vector(
+        ["Edema|right|lower", "Edema|left|lower", "Consolidation|right|lower"],
+        unknown_findings=["Lung Opacity"]),
+    image_id(0x61): fine_vector(["Pneumothorax|left|upper", "Lung Lesion|left|upper"]),
+    image_id(0x71): fine_vector(["Edema|left|middle"]),
+}
+WRITTEN = FRONTAL | ids(0x71)  # with --keep-unlabelled
+UNLABELLED_FINE = len(WRITTEN - set(USER_FINE))
+
+
+def test_fine_findings_are_the_located_chexpert_labels():
+  assert mimic.FINE_FINDINGS == tuple(
+      name for name in labels.CHEXPERT_LABELS if name not in ("No Finding", "Support Devices"))
+  assert len(FINE_VOCABULARY) == 12 * 2 * 3
+
+
+def test_user_fine_labels_csv(src, tmp_path):
+  csv = fx.write_fine_labels(tmp_path / "labels" / "imagenome_fine.csv")
+  manifest = convert(src, tmp_path / "out", keep_unlabelled=True, fine_labels=str(csv))
+  assert manifest["fine_label_names"] == list(FINE_VOCABULARY)
+  assert (manifest["fine_labels_from"], manifest["fine_labels_unlabelled"]) == (
+      "imagenome_fine.csv", UNLABELLED_FINE)
+  assert manifest["skipped"]["count"] == 0
+  examples = examples_by_id(tmp_path / "out")
+  assert set(examples) == WRITTEN
+  for identifier, ex in examples.items():
+    np.testing.assert_array_equal(ex.fine_labels, USER_FINE.get(identifier, ALL_UNKNOWN),
+                                  err_msg=identifier)
+    jpg = BY_ID[identifier]  # the study labels are untouched
+    np.testing.assert_array_equal(ex.labels, expected_labels(
+        fx.CHEXPERT.get((jpg.subject, jpg.study), {})))
+
+  counts = {kind: np.sum([v["fine_label_counts"][kind] for v in manifest["splits"].values()], 0)
+            for kind in ("positive", "negative", "unknown")}
+  column = FINE_VOCABULARY.index("Edema|left|lower")
+  # 0x50 locates Edema there; 0x20, 0x10, 0x61 and 0x71 (Edema elsewhere) do not.
+  assert (counts["positive"][column], counts["negative"][column],
+          counts["unknown"][column]) == (1, 4, UNLABELLED_FINE)
+
+
+def test_without_fine_labels_the_manifest_says_so(converted):
+  _, _, manifest = converted
+  assert manifest["fine_label_names"] == []
+  assert manifest["fine_labels_from"] is manifest["fine_labels_unlabelled"] is None
+
+
+# name: (breaks the CSV, text (or (text, occurrence)) of the row named, message part, the number
+# of the image that --skip-bad leaves with unknown fine labels, or None)
+FINE_BAD_INPUTS = {
+    "finding negative in the study labels": (  # study 50000001 has Cardiomegaly 0.0
+        lambda p: fx.edit(p, "Atelectasis|left|lower", "Cardiomegaly|left|lower"), dicom_id(0x20),
+        "Cardiomegaly|left|lower contradicts the labels of its study 50000001 of subject "
+        f"10000032 ({{src}}/{CHEXPERT} row 2), where Cardiomegaly is 0.0 (negative)", 0x20),
+    "unknown fine label": (  # Support Devices has no location
+        lambda p: fx.edit(p, "Lung Lesion|left|upper", "Support Devices|left|upper"),
+        dicom_id(0x61), "unknown fine label 'Support Devices|left|upper'", 0x61),
+    "bad location": (
+        lambda p: fx.edit(p, "Edema|left|lower", "Edema|left|basal"), dicom_id(0x50),
+        "bad location 'left'/'basal'", 0x50),
+    "duplicated dicom_id": (
+        lambda p: fx.append_line(p, f"Atelectasis|left|upper,chexpert,{dicom_id(0x10)}"),
+        (dicom_id(0x10), 2), f"{dicom_id(0x10)} is also at row 3", 0x10),
+    "malformed row": (
+        lambda p: fx.edit(p, "Lung Lesion|left|upper", "Lung Lesion|left|upper,oops"),
+        dicom_id(0x61), "malformed row: 4 fields, expected 3", 0x61),
+    "dicom_id not in split.csv": (
+        lambda p: fx.append_line(p, f"Edema|left|lower,x,{fx.METADATA_ONLY.dicom_id}"),
+        fx.METADATA_ONLY.dicom_id,
+        f"fine labels for {fx.METADATA_ONLY.dicom_id}, which is not in {{src}}/{SPLIT}", None),
+}
+
+
+def _broken_fine_labels(src, tmp_path, case):
+  """The broken CSV, the row named, the message part and the image left unknown (or None)."""
+  breaks, row_text, reason, unknown = FINE_BAD_INPUTS[case]
+  csv = fx.write_fine_labels(tmp_path / "labels" / "fine.csv")
+  breaks(csv)
+  text, occurrence = row_text if isinstance(row_text, tuple) else (row_text, 1)
+  return (csv, fx.line_of(csv, text, occurrence), reason.format(src=src),
+          None if unknown is None else image_id(unknown))
+
+
+@pytest.mark.parametrize("case", list(FINE_BAD_INPUTS))
+def test_bad_fine_labels_raise_with_file_and_row(src, tmp_path, case):
+  csv, row, reason, _ = _broken_fine_labels(src, tmp_path, case)
+  with pytest.raises(BadInputError) as error:
+    convert(src, tmp_path / "out", keep_unlabelled=True, fine_labels=str(csv))
+  assert (error.value.file, error.value.row) == (str(csv), row)
+  assert f"{csv}, row {row}: " in str(error.value) and reason in str(error.value)
+  assert sorted(os.listdir(tmp_path)) == ["labels", "src"]
+
+
+@pytest.mark.parametrize("case", list(FINE_BAD_INPUTS))
+def test_skip_bad_fine_labels_row_leaves_them_unknown(src, tmp_path, case):
+  """A bad row is skipped and recorded; its image is written, with unknown fine labels (of a
+  duplicate, neither row is trusted)."""
+  csv, row, reason, unknown = _broken_fine_labels(src, tmp_path, case)
+  manifest = convert(src, tmp_path / "out", keep_unlabelled=True, fine_labels=str(csv),
+                     skip_bad=True)
+  [item] = manifest["skipped"]["items"]
+  assert (item["file"], item["row"]) == (str(csv), row) and reason in item["reason"]
+  assert "image" not in item
+  examples = examples_by_id(tmp_path / "out")
+  assert set(examples) == WRITTEN
+  for identifier, ex in examples.items():
+    expected = ALL_UNKNOWN if identifier == unknown else USER_FINE.get(identifier, ALL_UNKNOWN)
+    np.testing.assert_array_equal(ex.fine_labels, expected, err_msg=identifier)
+  assert manifest["fine_labels_unlabelled"] == UNLABELLED_FINE + (unknown is not None)
+
+
+def test_fine_labels_of_an_image_left_out_by_bad_input_are_ignored(src, tmp_path):
+  fx.append_line(src / SPLIT, _split_row(0x20))  # a dicom_id twice: 0x20 is left out
+  csv = fx.write_fine_labels(tmp_path / "labels" / "fine.csv")
+  manifest = convert(src, tmp_path / "out", fine_labels=str(csv), skip_bad=True)
+  assert [item["file"] for item in manifest["skipped"]["items"]] == [str(src / SPLIT)]
+  examples = examples_by_id(tmp_path / "out")
+  assert set(examples) == FRONTAL - ids(0x20)
+  np.testing.assert_array_equal(examples[image_id(0x50)].fine_labels, USER_FINE[image_id(0x50)])
+
+
+def test_fine_labels_header_needs_both_columns(src, tmp_path):
+  csv = fx.write_fine_labels(tmp_path / "labels" / "fine.csv")
+  fx.edit(csv, "dicom_id", "Image Index")
+  with pytest.raises(BadInputError) as error:
+    convert(src, tmp_path / "out", fine_labels=str(csv), skip_bad=True)
+  assert (error.value.file, error.value.row) == (str(csv), 1)
+  assert "header lacks columns ['dicom_id']" in str(error.value)
+  assert sorted(os.listdir(tmp_path)) == ["labels", "src"]
+
+
+def test_command_line_fine_labels(src, tmp_path, capsys):
+  csv = fx.write_fine_labels(tmp_path / "labels" / "fine.csv")
+  mimic.main(["--src", str(src), "--out", str(tmp_path / "out"), "--image-size", str(SIZE),
+              "--workers", "1", "--fine-labels", str(csv)])
+  assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'out'}: train 6, val 1, test 1")
+  manifest = writer.load_manifest(tmp_path / "out")
+  # Without --keep-unlabelled 0x71 is not written: of the rest, 4 have no row.
+  assert (manifest["fine_labels_from"], manifest["fine_labels_unlabelled"]) == ("fine.csv", 4)
+  assert manifest["fine_label_names"] == list(FINE_VOCABULARY)
