@@ -106,6 +106,33 @@ def read_csv(path: str) -> Iterator[tuple[int, list[str]]]:
       raise BadInputError(path, None, f"cannot read: {e}") from e
 
 
+def read_exact_table(path: str, header: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
+  """The (line, fields) rows after the header of a CSV whose header must be exactly `header`
+  (trailing empty fields aside): a release's tables of another version must not be misread, so
+  any other header is a BadInputError at row 1, even with --skip-bad."""
+  rows = read_csv(path)
+  line, found = next(rows, (1, []))
+  found = strip_trailing_empty(found)
+  if tuple(found) != tuple(header):
+    missing = [name for name in header if name not in found]
+    extra = [name for name in found if name not in header]
+    raise BadInputError(path, line, f"header is {found}, expected exactly {list(header)} "
+                        f"(missing {missing}, unexpected {extra})")
+  return rows
+
+
+# CheXpert-style label cells (CheXpert's CSVs, MIMIC-CXR-JPG's chexpert and negbio tables):
+# positive, negative, uncertain, not mentioned.
+CHEXPERT_VALUES = {"1.0": 1.0, "0.0": 0.0, "-1.0": -1.0, "": np.nan}
+
+
+def chexpert_value(cell: str, column: str) -> float:
+  """A CheXpert-style label cell as 1, 0, -1 or NaN; ValueError naming the column otherwise."""
+  if cell not in CHEXPERT_VALUES:
+    raise ValueError(f"column {column!r}: {cell!r} is not 1.0, 0.0, -1.0 or blank")
+  return CHEXPERT_VALUES[cell]
+
+
 def strip_trailing_empty(fields: Sequence[str]) -> list[str]:
   """The fields without the empty ones a trailing comma leaves at the end."""
   fields = list(fields)

@@ -69,7 +69,7 @@ import collections
 import dataclasses
 import os
 import re
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from absl import logging
@@ -99,7 +99,6 @@ METADATA_HEADER = (
     "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
     "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning",
 )
-LABEL_VALUES = {"1.0": 1.0, "0.0": 0.0, "-1.0": -1.0, "": np.nan}
 SPLITS = {"train": "train", "validate": "val", "test": "test"}  # official name -> output split
 FRONTAL_VIEWS = ("PA", "AP")  # in order of preference for --one-per-study
 UNKNOWN_VIEW = "UNKNOWN"
@@ -181,19 +180,6 @@ def find_csv(src: str, name: str) -> str:
   raise FileNotFoundError(f"neither {name}.gz nor {name} in {src}")
 
 
-def read_table(path: str, header: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
-  """The (line, fields) rows after the header of a CSV file whose header must be exactly
-  `header`: the columns are the release's, and a file of another version must not be misread."""
-  rows = common.read_csv(path)
-  line, found = next(rows, (1, []))
-  if tuple(found) != tuple(header):
-    missing = [name for name in header if name not in found]
-    extra = [name for name in found if name not in header]
-    raise BadInputError(path, line, f"header is {found}, expected exactly {list(header)} "
-                        f"(missing {missing}, unexpected {extra})")
-  return rows
-
-
 def check_id(text: str, what: str, pattern: re.Pattern) -> str:
   """`text` if it is a well-formed id; ValueError naming `what` otherwise."""
   if not pattern.fullmatch(text):
@@ -204,7 +190,7 @@ def check_id(text: str, what: str, pattern: re.Pattern) -> str:
 def read_split(path: str, bad: common.BadInputs) -> dict[str, Dicom]:
   """The rows of split.csv by dicom_id; a dicom_id in two rows is bad (and its image dropped)."""
   dicoms: dict[str, Dicom] = {}
-  for line, fields in read_table(path, SPLIT_HEADER):
+  for line, fields in common.read_exact_table(path, SPLIT_HEADER):
     try:
       dicom = _parse_split_row(common.fit_fields(fields, len(SPLIT_HEADER)), line)
     except ValueError as e:
@@ -256,7 +242,7 @@ def read_metadata(path: str, dicoms: dict[str, Dicom], split_path: str,
   views: dict[str, str] = {}
   row_of: dict[str, int] = {}
   metadata_only = 0
-  for line, fields in read_table(path, METADATA_HEADER):
+  for line, fields in common.read_exact_table(path, METADATA_HEADER):
     dicom = dicoms.get(fields[0])
     image = dicom.image_id if dicom else None
     if image in bad.dropped:
@@ -295,10 +281,7 @@ def parse_labels(fields: Sequence[str], positions: Sequence[int]) -> np.ndarray:
   """The label vector (CHEXPERT_LABELS order) of a label row's observation fields."""
   vector = np.full(len(labels_lib.CHEXPERT_LABELS), np.nan, np.float32)
   for name, position, text in zip(LABEL_COLUMNS, positions, fields):
-    if text not in LABEL_VALUES:
-      raise ValueError(f"bad value {text!r} in column {name!r}; expected one of "
-                       f"{list(LABEL_VALUES)}")
-    vector[position] = LABEL_VALUES[text]
+    vector[position] = common.chexpert_value(text, name)
   return vector
 
 
@@ -320,7 +303,7 @@ def read_labels(path: str, dicoms: dict[str, Dicom], bad: common.BadInputs,
   positions = label_positions()
   vectors: dict[Study, np.ndarray] = {}
   row_of: dict[Study, int] = {}
-  for line, fields in read_table(path, LABEL_HEADER):
+  for line, fields in common.read_exact_table(path, LABEL_HEADER):
     study = tuple(fields[:2])
     try:
       fields = common.fit_fields(fields, len(LABEL_HEADER))

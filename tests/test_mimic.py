@@ -296,12 +296,12 @@ BAD_INPUTS = {
         METADATA, dicom_id(0x40), "malformed row: 11 fields, expected 12", ids(0x40), ids(0x40)),
     "bad label value": (
         lambda s: fx.edit(s / CHEXPERT, "10000764,50000003,,,-1.0", "10000764,50000003,,,2"),
-        CHEXPERT, "10000764,50000003", "bad value '2' in column 'Consolidation'",
+        CHEXPERT, "10000764,50000003", "column 'Consolidation': '2' is not 1.0, 0.0, -1.0 or blank",
         ids(0x50, 0x51), ids(0x50)),
     "label 1 instead of 1.0": (
         lambda s: fx.edit(s / CHEXPERT, "19000033,50000007,,,,,,,,,1.0",
                           "19000033,50000007,,,,,,,,,1"),
-        CHEXPERT, "19000033,50000007", "bad value '1' in column 'No Finding'", ids(0x80),
+        CHEXPERT, "19000033,50000007", "column 'No Finding': '1' is not 1.0, 0.0, -1.0 or blank", ids(0x80),
         ids(0x80)),
     "second label row for a study": (
         lambda s: fx.append_line(s / CHEXPERT, "12000022,50000005" + ",0.0" * 14),
