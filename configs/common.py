@@ -89,12 +89,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(steps=1000, global_batch=16, log_every=50,
                                            eval_every=500))
-  # evaluators: comma-separated names of cxr_jax.metrics.evaluators.EVALUATORS. Localization ones
+  # evaluators: comma-separated names of cxr_jax.metrics.evaluators.EVALUATORS. classes: the
+  # classes classification reports (its mean AUC too), comma-separated; empty: all (CheXpert
+  # recipes report its 5 competition labels). Localization evaluators
   # run where the method returns `cams` and the split has boxes, on the classes named in
   # localization_classes (empty: every class with boxes). uncertain: "mask" leaves -1 labels out
   # of evaluation; "policy" scores them as the training policy maps them.
   c.eval = ml_collections.ConfigDict(dict(
-      global_batch=32, bootstrap=1000, evaluators="classification", uncertain="mask",
+      global_batch=32, bootstrap=1000, evaluators="classification", classes="",
+      uncertain="mask",
       ham_threshold=0.469, wang_levels=(60, 180), localization_classes=""))
   # best_metric: a validation scalar ("val/mean_auc", "val/loc/ham/mean_tiou", ...) ranking the
   # kept best checkpoints; best_mode: max or min.

@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 import chexpert_fixtures as fx
+from cxr_jax import evaluate, train
 from cxr_jax.data import labels, tfrecord, writer
 from data_prep import chexpert, common
+from test_end_to_end import REPO, load_config
 from data_prep.common import BadInputError
 from nih_fixtures import append_line, edit, line_of
 
@@ -483,3 +485,21 @@ def test_label_values_are_the_release_spellings_only():
   for value in ("1", "0", "-1", "1.00", "yes", "nan"):
     with pytest.raises(ValueError, match=f"column 'No Finding': '{value}' is not 1.0"):
       chexpert.parse_labels([value] + [""] * 13)
+
+
+def test_the_recipe_trains_on_converted_chexpert_and_reports_the_competition_labels(tmp_path):
+  """The README's route: convert, then `configs/chexpert/densenet121.py:smoke` trains 14
+  observations with per-label policies and reports the 5 competition ones."""
+  # Twice the fixture's patients, so that a global batch of 8 (one per test device) fits.
+  more = tuple(dataclasses.replace(x, image_id=x.image_id.replace("patient0000", "patient0010"))
+               for x in fx.TRAIN)
+  fx.write_chexpert(tmp_path / "src", train=fx.TRAIN + more)
+  chexpert.convert(str(tmp_path / "src"), str(tmp_path / "shards"), image_size=64, workers=1,
+                   views="all")
+  config = load_config(os.path.join(REPO, "configs", "chexpert", "densenet121.py"), "smoke")
+  config.data.dir = str(tmp_path / "shards")
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  report = evaluate.evaluate(str(tmp_path / "run"), "test", "best", n_boot=0)["classification"]
+  assert list(report["classes"]) == list(labels.CHEXPERT_COMPETITION_LABELS)
+  with open(tmp_path / "run" / "predictions_test.csv") as f:
+    assert f.readline().strip().split(",")[1:] == [f"prob_{n}" for n in labels.CHEXPERT_LABELS]

@@ -80,12 +80,14 @@ def test_phantom_smoke_trains_and_evaluates(tmp_path, monkeypatch):
                                       ("phantom.py", "method=can"),
                                       ("nih/can.py", ""), ("nih/can.py", "res=224,smoke"),
                                       ("nih/ham.py", "setting=loc_fold,smoke"),
-                                      ("mimic/spf.py", ""), ("mimic/spf.py", "smoke")])
+                                      ("mimic/spf.py", ""), ("mimic/spf.py", "smoke"),
+                                      ("chexpert/densenet121.py", ""),
+                                      ("mimic/densenet121.py", "res=512,smoke")])
 def test_config_variants_load_and_validate(path, arg):
   config = load_config(os.path.join(REPO, "configs", path), arg)
   config_utils.validate(config)
-  if path.startswith(("nih/", "mimic/")):
-    method = os.path.splitext(os.path.basename(path))[0]
+  if path.startswith(("nih/", "mimic/", "chexpert/")):
+    method = os.path.splitext(os.path.basename(path))[0].replace("densenet121", "baseline")
   else:
     method = dict(a.split("=") for a in arg.split(",") if "=" in a)["method"]
   assert config.model.name == method

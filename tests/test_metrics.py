@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from cxr_jax.metrics import bootstrap, classification
+from cxr_jax.metrics import bootstrap, classification, evaluators
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Hernia")
 
@@ -288,3 +288,26 @@ def test_format_table():
   quick = classification.format_table(
       classification.evaluate_predictions(scores, targets, None, LABELS, n_boot=0))
   assert "CI" not in quick and "[" not in quick
+
+
+def test_classification_reports_the_configured_classes_and_predicts_every_class():
+  """`config.eval.classes` (CheXpert's 5 of 14): the report and its mean cover those, in the
+  task's spelling; predictions keep every column; an unknown name is refused."""
+  rng = np.random.default_rng(5)
+  names = ["Atelectasis", "Effusion", "Edema", "Fracture"]
+  scores = rng.random((40, 4)).astype(np.float32)
+  targets = (rng.random((40, 4)) < 0.4).astype(np.float32)
+  batch = dict(scores=scores, labels=targets, label_mask=np.ones_like(targets),
+               index=np.arange(40))
+  columns = evaluators.class_indices({"classes": "Edema, Pleural Effusion"}, "classes", names)
+  assert columns == [2, 1]
+  chosen = evaluators.Classification("labels", "label_mask", names, columns=columns)
+  chosen.update(batch)
+  report = chosen.result()
+  assert list(report["classes"]) == ["Edema", "Effusion"]
+  aucs = [skm.roc_auc_score(targets[:, k], scores[:, k]) for k in (2, 1)]
+  np.testing.assert_allclose(report["mean_auc"], np.mean(aucs), rtol=1e-12)
+  assert chosen.predictions()["scores"].shape == (40, 4)
+  assert evaluators.class_indices({"classes": ""}, "classes", names) is None
+  with pytest.raises(ValueError, match=r"config.eval.classes names \['Hernia'\]"):
+    evaluators.class_indices({"classes": "Hernia"}, "classes", names)

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cxr_jax.data import labels
 from cxr_jax.metrics import classification, localization, location_aware
 
 LOCALIZATION = ("ham_localization", "wang_localization")
@@ -36,12 +37,18 @@ def parse(names: str) -> tuple[str, ...]:
 
 
 class Classification:
-  """Per-class AUC/AUPRC of the task's targets, streamed as (N, K) scores, targets and masks."""
+  """Per-class AUC/AUPRC of the task's targets, streamed as (N, K) scores, targets and masks.
+
+  The report (and its mean AUC) covers the classes at `columns` (None: all), such as CheXpert's 5
+  competition labels of a model that learns 14; `predictions()` keeps every class.
+  """
 
   def __init__(self, target: str, mask_key: str, class_names: Sequence[str], *,
-               patient_ids: Sequence[str] | None = None, n_boot: int = 0, seed: int = 0):
+               patient_ids: Sequence[str] | None = None, n_boot: int = 0, seed: int = 0,
+               columns: Sequence[int] | None = None):
     self.target, self.mask_key, self.class_names = target, mask_key, list(class_names)
     self.patient_ids, self.n_boot, self.seed = patient_ids, n_boot, seed
+    self.columns = list(range(len(self.class_names))) if columns is None else list(columns)
     self._parts: dict[str, list[np.ndarray]] = {"scores": [], "targets": [], "mask": [],
                                                 "index": []}
 
@@ -65,9 +72,11 @@ class Classification:
     patients = None
     if self.patient_ids is not None:
       patients = np.asarray(self.patient_ids)[p["index"].astype(np.int64)]
+    c = self.columns
     return classification.evaluate_predictions(
-        p["scores"], p["targets"], p["mask"], self.class_names, patient_ids=patients,
-        n_boot=self.n_boot, seed=self.seed)
+        p["scores"][:, c], p["targets"][:, c], p["mask"][:, c],
+        [self.class_names[k] for k in c], patient_ids=patients, n_boot=self.n_boot,
+        seed=self.seed)
 
   def scalars(self, report: Mapping[str, Any] | None = None) -> dict[str, float]:
     report = report or self.result()
@@ -115,8 +124,9 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
   Args:
     names: evaluator names (see `parse`).
     task: the run's `cxr_jax.methods.Task`.
-    eval_config: `config.eval` (thresholds, levels, and `localization_classes`: the class names
-      localization is reported on, comma-separated; empty: every class with boxes).
+    eval_config: `config.eval` (thresholds, levels; `classes` and `localization_classes`: the
+      class names classification and localization are reported on, comma-separated; empty: every
+      class, or every class with boxes).
     image_size: side of the evaluated images (maps are compared with boxes at this size).
     has_cams: whether the method returns `cams`.
     has_boxes: whether the split has boxes.
@@ -128,7 +138,8 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
       that boxes name; location accuracy needs fine labels).
   """
   evaluators = {}
-  located = _localization_classes(eval_config["localization_classes"], task.class_names)
+  located = class_indices(eval_config, "localization_classes", task.class_names)
+  classified = class_indices(eval_config, "classes", task.class_names)
   for name in names:
     if name in LOCALIZATION and task.target != "labels":
       raise ValueError(f"{name} compares maps of the finding labels with their boxes; the task "
@@ -140,7 +151,8 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
       continue
     if name == "classification":
       evaluators[name] = Classification(task.target, task.mask_key, task.class_names,
-                                        patient_ids=patient_ids, n_boot=n_boot, seed=seed)
+                                        patient_ids=patient_ids, n_boot=n_boot, seed=seed,
+                                        columns=classified)
     elif name == "ham_localization":
       evaluators[name] = _Localization(localization.HamLocalization(
           task.class_names, image_size, threshold=eval_config["ham_threshold"]), located)
@@ -152,12 +164,15 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
   return evaluators
 
 
-def _localization_classes(names: str, class_names: Sequence[str]) -> list[int] | None:
-  """Indices of the comma-separated class `names`; None (every class) when empty."""
-  chosen = [n.strip() for n in names.split(",") if n.strip()]
+def class_indices(eval_config: Mapping[str, Any], field: str,
+                  class_names: Sequence[str]) -> list[int] | None:
+  """Indices of the comma-separated class names of `config.eval.<field>`, in the task's spelling
+  (`labels.canonical`: "Pleural Effusion" is Effusion); None (every class) when empty."""
+  chosen = [labels.canonical(n) for n in eval_config.get(field, "").split(",") if n.strip()]
   unknown = [n for n in chosen if n not in class_names]
   if unknown:
-    raise ValueError(f"config.eval.localization_classes names {unknown}, not classes of the task")
+    raise ValueError(f"config.eval.{field} names {unknown}, not classes of the task "
+                     f"{list(class_names)}")
   return [list(class_names).index(n) for n in chosen] or None
 
 
