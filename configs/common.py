@@ -91,12 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
                                            eval_every=500))
   # evaluators: comma-separated names of cxr_jax.metrics.evaluators.EVALUATORS. classes: the
   # classes classification reports (its mean AUC too), comma-separated; empty: all (CheXpert
-  # recipes report its 5 competition labels). Localization evaluators
+  # recipes report its 5 competition labels). study_level: "" scores images; "max" or "mean" scores
+  # studies, pooling their images' scores (the CheXpert paper takes the max over views).
+  # Localization evaluators
   # run where the method returns `cams` and the split has boxes, on the classes named in
   # localization_classes (empty: every class with boxes). uncertain: "mask" leaves -1 labels out
   # of evaluation; "policy" scores them as the training policy maps them.
   c.eval = ml_collections.ConfigDict(dict(
-      global_batch=32, bootstrap=1000, evaluators="classification", classes="",
+      global_batch=32, bootstrap=1000, evaluators="classification", classes="", study_level="",
       uncertain="mask",
       ham_threshold=0.469, wang_levels=(60, 180), localization_classes=""))
   # best_metric: a validation scalar ("val/mean_auc", "val/loc/ham/mean_tiou", ...) ranking the

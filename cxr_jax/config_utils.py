@@ -11,7 +11,7 @@ import ml_collections
 
 from cxr_jax import layers, losses, methods, optim, parallel
 from cxr_jax.data import labels
-from cxr_jax.metrics import evaluators
+from cxr_jax.metrics import classification, evaluators
 
 CONFIG_FILE = "config.json"
 
@@ -56,6 +56,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems += _choice(config, "loss.class_counts", losses.CLASS_COUNTS)
   problems += _choice(config, "data.target", methods.TARGETS)
   problems += _choice(config, "eval.uncertain", ("mask", "policy"))
+  problems += _choice(config, "eval.study_level", ("", *classification.STUDY_POOLS))
   problems += _choice(config, "checkpoint.best_mode", ("max", "min"))
   problems += optim.check_groups(config.optim)
   problems += _evaluators(config)

@@ -39,10 +39,11 @@ def evaluate(workdir: str, split: str = "test", which: str = "best", n_boot: int
      "heatmaps": [paths]}.
   """
   run, state, step = experiment.restore_for_inference(workdir, which)
-  image_ids, patient_ids = experiment.record_ids(experiment.split_source(run.config, split))
+  ids = experiment.record_ids(experiment.split_source(run.config, split))
+  image_ids = ids.image
   n_boot = run.config.eval.bootstrap if n_boot is None else n_boot
-  evaluators = experiment.split_evaluators(run, split, n_boot=n_boot, patient_ids=patient_ids,
-                                           required=("classification",))
+  evaluators = experiment.split_evaluators(run, split, n_boot=n_boot, patient_ids=ids.patient,
+                                           study_ids=ids.study, required=("classification",))
   losses = experiment.evaluate_split(run, state, split, evaluators)
   reports = {name: evaluator.result() for name, evaluator in evaluators.items()}
   report = dict(reports["classification"], loss=losses.pop("loss"), loss_terms=losses,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import grain
@@ -233,10 +233,18 @@ def restore_for_inference(workdir: str, which: str = "best") -> tuple[Run, steps
   return run, state, step
 
 
-def record_ids(source: records.RecordSource) -> tuple[list[str], list[str]]:
-  """(image ids, patient ids) of every record of a source, in order."""
+class RecordIds(NamedTuple):
+  """The ids of every record of a source, in order."""
+  image: list[str]
+  patient: list[str]
+  study: list[str]
+
+
+def record_ids(source: records.RecordSource) -> RecordIds:
+  """The image, patient and study ids of every record of a source, in order."""
   parsed = [tfrecord.parse(source[i]) for i in range(len(source))]
-  return [p.image_id for p in parsed], [p.patient_id for p in parsed]
+  return RecordIds([p.image_id for p in parsed], [p.patient_id for p in parsed],
+                   [p.study_id for p in parsed])
 
 
 class NonFiniteScores(FloatingPointError):
@@ -245,16 +253,20 @@ class NonFiniteScores(FloatingPointError):
 
 def split_evaluators(run: Run, split: str, *, n_boot: int = 0,
                      patient_ids: Sequence[str] | None = None,
+                     study_ids: Sequence[str] | None = None,
                      required: Sequence[str] = ()) -> dict[str, Any]:
-  """The configured evaluators (plus `required` ones) that can run on `split` for this method."""
+  """The configured evaluators (plus `required` ones) that can run on `split` for this method;
+  with `config.eval.study_level`, the split's study ids are read when not given."""
+  if run.config.eval.study_level and study_ids is None:
+    study_ids = record_ids(split_source(run.config, split)).study
   boxes = run.manifest["splits"].get(split, {}).get("num_boxes")
   names = evaluators_lib.parse(run.config.eval.evaluators)
   names += tuple(name for name in required if name not in names)
   return evaluators_lib.build(
       names, run.task, run.config.eval,
       image_size=run.config.data.image_size, has_cams="cams" in run.output_shapes(),
-      has_boxes=boxes is None or boxes > 0, patient_ids=patient_ids, n_boot=n_boot,
-      seed=run.config.seed)
+      has_boxes=boxes is None or boxes > 0, patient_ids=patient_ids, study_ids=study_ids,
+      n_boot=n_boot, seed=run.config.seed)
 
 
 def evaluate_split(run: Run, state, split: str, evaluators: Mapping[str, Any]) -> dict[str, float]:

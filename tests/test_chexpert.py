@@ -489,7 +489,7 @@ def test_label_values_are_the_release_spellings_only():
 
 def test_the_recipe_trains_on_converted_chexpert_and_reports_the_competition_labels(tmp_path):
   """The README's route: convert, then `configs/chexpert/densenet121.py:smoke` trains 14
-  observations with per-label policies and reports the 5 competition ones."""
+  observations with per-label policies and reports the 5 competition ones, by study."""
   # Twice the fixture's patients, so that a global batch of 8 (one per test device) fits.
   more = tuple(dataclasses.replace(x, image_id=x.image_id.replace("patient0000", "patient0010"))
                for x in fx.TRAIN)
@@ -501,5 +501,6 @@ def test_the_recipe_trains_on_converted_chexpert_and_reports_the_competition_lab
   train.train_and_evaluate(config, str(tmp_path / "run"))
   report = evaluate.evaluate(str(tmp_path / "run"), "test", "best", n_boot=0)["classification"]
   assert list(report["classes"]) == list(labels.CHEXPERT_COMPETITION_LABELS)
+  assert report["unit"] == "study (max)"
   with open(tmp_path / "run" / "predictions_test.csv") as f:
     assert f.readline().strip().split(",")[1:] == [f"prob_{n}" for n in labels.CHEXPERT_LABELS]

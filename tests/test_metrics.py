@@ -311,3 +311,33 @@ def test_classification_reports_the_configured_classes_and_predicts_every_class(
   assert evaluators.class_indices({"classes": ""}, "classes", names) is None
   with pytest.raises(ValueError, match=r"config.eval.classes names \['Hernia'\]"):
     evaluators.class_indices({"classes": "Hernia"}, "classes", names)
+
+
+@pytest.mark.parametrize("how", ["max", "mean"])
+def test_study_level_evaluation_pools_each_study_and_matches_sklearn(how):
+  """`config.eval.study_level`: one row per study, its images' scores pooled; a class is positive
+  when any known image target is, unknown when none is known."""
+  rng = np.random.default_rng(6)
+  studies = np.repeat([f"s{i}" for i in range(30)], 2)[::-1]  # 2 views each, studies shuffled
+  patients = np.array([f"p{i // 4}" for i in range(60)])
+  scores = rng.random((60, 2))
+  study_targets = (rng.random((30, 2)) < 0.4).astype(np.float64)
+  index = {s: i for i, s in enumerate(dict.fromkeys(studies))}
+  targets = study_targets[[index[s] for s in studies]]
+  mask = np.ones_like(targets)
+  mask[0, 0] = 0  # one view's label unknown: the study keeps its other view's
+  batch = dict(scores=scores, labels=targets, label_mask=mask, index=np.arange(60))
+  evaluator = evaluators.Classification("labels", "label_mask", ["a", "b"],
+                                        patient_ids=patients, study_ids=studies, study_pool=how,
+                                        n_boot=20)
+  evaluator.update(batch)
+  report = evaluator.result()
+  pool = np.max if how == "max" else np.mean
+  pooled = np.array([[pool(scores[studies == s, k]) for k in range(2)] for s in index])
+  for k, name in enumerate(["a", "b"]):
+    want = skm.roc_auc_score(study_targets[:, k], pooled[:, k])
+    np.testing.assert_allclose(report["classes"][name]["auc"], want, rtol=1e-12)
+    assert report["classes"][name]["n_pos"] + report["classes"][name]["n_neg"] == 30
+  assert report["unit"] == f"study ({how})" and report["n_patients"] == 15
+  with pytest.raises(ValueError, match="needs the records' study ids"):
+    evaluators.Classification("labels", "label_mask", ["a", "b"], study_pool=how)

@@ -160,7 +160,8 @@ def test_every_record_once_per_epoch_across_processes(scenario):
   """Over every batch of the 3 epochs, the two processes' shares together read each record at most
   once per epoch, all but the drop-remainder cut's RECORDS % GLOBAL_BATCH, which differ by epoch."""
   streams = [process["stream"] for process in recorded(scenario["tmp"] / "records_two", 2)]
-  image_ids, _ = experiment.record_ids(experiment.split_source(config(scenario["data"]), "train"))
+  image_ids = experiment.record_ids(
+      experiment.split_source(config(scenario["data"]), "train")).image
   train_records = {int(image_id.split("_")[0]) for image_id in image_ids}
   assert len(train_records) == RECORDS
   left_out = []

@@ -117,6 +117,43 @@ def mean_auc(aucs: Sequence[float]) -> tuple[float, np.ndarray]:
   return mean, np.flatnonzero(~defined)
 
 
+STUDY_POOLS = ("max", "mean")
+
+
+def pool_by_study(scores, targets, mask, study_ids: Sequence[str],
+                  how: str = "max") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """One row per study from (N, K) image rows: the images' scores pooled (`how`: "max", as the
+  CheXpert paper takes over a study's views, or "mean"), a class's target positive when any of
+  its known image targets is, known when any image's is.
+
+  Returns:
+    (scores, targets, mask, first) with one row per study in order of first appearance; `first`
+    (S,) is each study's first image row (to find its patient).
+  """
+  if how not in STUDY_POOLS:
+    raise ValueError(f"study pooling {how!r}: choose from {STUDY_POOLS}")
+  scores, targets, mask = (np.asarray(a, np.float64) for a in (scores, targets, mask))
+  _, first, group = np.unique(np.asarray(study_ids), return_index=True, return_inverse=True)
+  order = np.argsort(first, kind="stable")  # studies in order of first appearance
+  rank = np.empty_like(order)
+  rank[order] = np.arange(len(order))
+  group = rank[group.reshape(-1)]
+  shape = (len(order), scores.shape[1])
+  known = mask > 0
+  pooled_mask = np.zeros(shape)
+  np.maximum.at(pooled_mask, group, known.astype(np.float64))
+  pooled_targets = np.zeros(shape)
+  np.maximum.at(pooled_targets, group, np.where(known, targets, 0.0))
+  if how == "max":
+    pooled = np.full(shape, -np.inf)
+    np.maximum.at(pooled, group, scores)
+  else:
+    pooled = np.zeros(shape)
+    np.add.at(pooled, group, scores)
+    pooled /= np.bincount(group, minlength=len(order))[:, None]
+  return pooled, pooled_targets, pooled_mask, first[order]
+
+
 def json_float(value) -> float | None:
   """A float for JSON, with NaN (and infinities) as None: strict JSON has neither."""
   value = float(value)

@@ -40,15 +40,21 @@ class Classification:
   """Per-class AUC/AUPRC of the task's targets, streamed as (N, K) scores, targets and masks.
 
   The report (and its mean AUC) covers the classes at `columns` (None: all), such as CheXpert's 5
-  competition labels of a model that learns 14; `predictions()` keeps every class.
+  competition labels of a model that learns 14; `predictions()` keeps every class. With
+  `study_ids` (one per record of the split) and `study_pool` ("max" or "mean"), the report scores
+  studies, each image's scores pooled over its study (`classification.pool_by_study`).
   """
 
   def __init__(self, target: str, mask_key: str, class_names: Sequence[str], *,
                patient_ids: Sequence[str] | None = None, n_boot: int = 0, seed: int = 0,
-               columns: Sequence[int] | None = None):
+               columns: Sequence[int] | None = None, study_ids: Sequence[str] | None = None,
+               study_pool: str = ""):
     self.target, self.mask_key, self.class_names = target, mask_key, list(class_names)
     self.patient_ids, self.n_boot, self.seed = patient_ids, n_boot, seed
     self.columns = list(range(len(self.class_names))) if columns is None else list(columns)
+    if study_pool and study_ids is None:
+      raise ValueError(f"study-level evaluation ({study_pool}) needs the records' study ids")
+    self.study_ids, self.study_pool = study_ids, study_pool
     self._parts: dict[str, list[np.ndarray]] = {"scores": [], "targets": [], "mask": [],
                                                 "index": []}
 
@@ -69,14 +75,18 @@ class Classification:
 
   def result(self) -> dict[str, Any]:
     p = self.predictions()
-    patients = None
-    if self.patient_ids is not None:
-      patients = np.asarray(self.patient_ids)[p["index"].astype(np.int64)]
     c = self.columns
-    return classification.evaluate_predictions(
-        p["scores"][:, c], p["targets"][:, c], p["mask"][:, c],
-        [self.class_names[k] for k in c], patient_ids=patients, n_boot=self.n_boot,
-        seed=self.seed)
+    scores, targets, mask = p["scores"][:, c], p["targets"][:, c], p["mask"][:, c]
+    rows = p["index"].astype(np.int64)
+    if self.study_pool:
+      scores, targets, mask, first = classification.pool_by_study(
+          scores, targets, mask, np.asarray(self.study_ids)[rows], self.study_pool)
+      rows = rows[first]
+    patients = None if self.patient_ids is None else np.asarray(self.patient_ids)[rows]
+    report = classification.evaluate_predictions(
+        scores, targets, mask, [self.class_names[k] for k in c], patient_ids=patients,
+        n_boot=self.n_boot, seed=self.seed)
+    return dict(report, unit=f"study ({self.study_pool})" if self.study_pool else "image")
 
   def scalars(self, report: Mapping[str, Any] | None = None) -> dict[str, float]:
     report = report or self.result()
@@ -118,7 +128,8 @@ class _LocationAccuracy(_Localization):
 
 def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, image_size: int,
           has_cams: bool, has_boxes: bool, patient_ids: Sequence[str] | None = None,
-          n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
+          study_ids: Sequence[str] | None = None, n_boot: int = 0,
+          seed: int = 0) -> dict[str, Any]:
   """The evaluators `names` for one split; localization ones only where they can run.
 
   Args:
@@ -126,11 +137,12 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
     task: the run's `cxr_jax.methods.Task`.
     eval_config: `config.eval` (thresholds, levels; `classes` and `localization_classes`: the
       class names classification and localization are reported on, comma-separated; empty: every
-      class, or every class with boxes).
+      class, or every class with boxes; `study_level`: "", "max" or "mean").
     image_size: side of the evaluated images (maps are compared with boxes at this size).
     has_cams: whether the method returns `cams`.
     has_boxes: whether the split has boxes.
     patient_ids: patient of each record of the split, for the bootstrap.
+    study_ids: study of each record of the split, for study-level evaluation.
     n_boot: bootstrap resamples (0: none); seed: their seed.
 
   Raises:
@@ -152,7 +164,8 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
     if name == "classification":
       evaluators[name] = Classification(task.target, task.mask_key, task.class_names,
                                         patient_ids=patient_ids, n_boot=n_boot, seed=seed,
-                                        columns=classified)
+                                        columns=classified, study_ids=study_ids,
+                                        study_pool=eval_config.get("study_level", ""))
     elif name == "ham_localization":
       evaluators[name] = _Localization(localization.HamLocalization(
           task.class_names, image_size, threshold=eval_config["ham_threshold"]), located)
