@@ -53,8 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.val_split = "val"
   c.data.test_split = "test"
   c.data.image_size = 224
-  c.data.uncertainty = "ignore"  # policy for -1 labels: ignore | zeros | ones
+  # policy for -1 labels: ignore | zeros | ones | zeros_lsr | ones_lsr (cxr_jax.data.labels)
+  c.data.uncertainty = "ignore"
   c.data.uncertainty_per_label = ""  # overrides, e.g. "Edema=ones,Atelectasis=ones"
+  c.data.lsr_zeros = (0.0, 0.3)  # the soft targets' intervals of zeros_lsr and ones_lsr
+  c.data.lsr_ones = (0.55, 0.85)
   c.data.max_boxes = 16
   c.data.verify_crc = True
   c.data.worker_count = 0  # decoding processes per host; 0 decodes in the training process

@@ -28,6 +28,18 @@ def _choice(config, path: str, choices) -> list[str]:
   return [] if value in choices else [f"config.{path}={value!r}: choose from {list(choices)}"]
 
 
+def _interval(config, path: str) -> list[str]:
+  """A (low, high) pair with 0 <= low <= high <= 1, as the soft targets' intervals must be."""
+  value = get(config, path)
+  try:
+    low, high = (float(v) for v in value)
+  except (TypeError, ValueError):
+    return [f"config.{path}={value!r}: give (low, high)"]
+  if not 0.0 <= low <= high <= 1.0:
+    return [f"config.{path}={value!r}: need 0 <= low <= high <= 1"]
+  return []
+
+
 def _positive(config, path: str) -> list[str]:
   value = get(config, path)
   return [] if value > 0 else [f"config.{path}={value!r}: must be > 0"]
@@ -80,6 +92,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     labels.parse_policy_overrides(config.data.uncertainty_per_label)
   except ValueError as e:
     problems.append(f"config.data.uncertainty_per_label: {e}")
+  for path in ("data.lsr_zeros", "data.lsr_ones"):
+    problems += _interval(config, path)
   if not config.data.dir:
     problems.append("config.data.dir is empty: point it at a folder prepared by data_prep")
   if problems:

@@ -42,8 +42,8 @@ def make_task(config: ml_collections.ConfigDict, manifest: Mapping[str, Any]) ->
   """The task of a run: the learned field, its class names and training-split counts.
 
   Counts come from the manifest's raw value counts (1, 0, -1, NaN) with the training uncertainty
-  policy applied: -1 counts as a positive under `ones`, a negative under `zeros`, not at all under
-  `ignore`. Fine labels have no policy (their -1 is ignored).
+  policy applied: -1 counts as a positive under `ones` (and `ones_lsr`), a negative under `zeros`
+  (and `zeros_lsr`), not at all under `ignore`. Fine labels have no policy (their -1 is ignored).
   """
   target = config.data.target
   names = list(manifest["label_names"] if target == "labels" else manifest.get("fine_label_names") or [])
@@ -56,9 +56,9 @@ def make_task(config: ml_collections.ConfigDict, manifest: Mapping[str, Any]) ->
   if counts is not None:
     codes = np.zeros(len(names), np.int64)
     if target == "labels":
-      codes = labels_lib.resolve_policies(
+      codes = labels_lib.hard_codes(labels_lib.resolve_policies(
           names, config.data.uncertainty,
-          labels_lib.parse_policy_overrides(config.data.uncertainty_per_label))
+          labels_lib.parse_policy_overrides(config.data.uncertainty_per_label)))
     uncertain = np.asarray(counts["uncertain"])
     positives = np.asarray(counts["positive"]) + uncertain * (codes == labels_lib.POLICIES.index("ones"))
     negatives = np.asarray(counts["negative"]) + uncertain * (codes == labels_lib.POLICIES.index("zeros"))

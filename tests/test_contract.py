@@ -200,7 +200,8 @@ def test_task_counts_apply_the_uncertainty_policy(data_dir):
   config = toy_config(data_dir, name="baseline")
   manifest = writer.load_manifest(data_dir)
   counts = manifest["splits"]["train"]["label_counts"]
-  for policy, extra_pos, extra_neg in (("ignore", 0, 0), ("ones", 1, 0), ("zeros", 0, 1)):
+  for policy, extra_pos, extra_neg in (("ignore", 0, 0), ("ones", 1, 0), ("zeros", 0, 1),
+                                       ("ones_lsr", 1, 0), ("zeros_lsr", 0, 1)):
     config.data.uncertainty = policy
     task = experiment.make_task(config, manifest)
     assert task.positives[0] == counts["positive"][0] + extra_pos * counts["uncertain"][0]

@@ -169,6 +169,25 @@ def test_uncertainty_policies():
     labels.parse_policy_overrides("Edema:ones")
 
 
+def test_label_smoothing_policies_draw_soft_targets_in_their_intervals():
+  """U-Ones-LSR / U-Zeros-LSR: each uncertain label a fresh draw from its interval in training,
+  the midpoint without a generator; known labels and masks as with the hard policies."""
+  raw = np.array([[1, 0, -1, -1, np.nan, -1]] * 500, np.float32)
+  codes = labels.resolve_policies(["a", "b", "c", "d", "e", "f"], "ones_lsr",
+                                  {"d": "zeros_lsr", "f": "ignore"})
+  lsr = {"ones_lsr": (0.55, 0.85), "zeros_lsr": (0.1, 0.3)}
+  targets, mask = labels.apply_policy(raw, codes, lsr, np.random.default_rng(0))
+  np.testing.assert_array_equal(targets[:, :2], [[1, 0]] * 500)
+  assert 0.55 <= targets[:, 2].min() and targets[:, 2].max() <= 0.85
+  assert 0.1 <= targets[:, 3].min() and targets[:, 3].max() <= 0.3
+  assert np.unique(targets[:, 2]).size == 500  # a draw per example
+  np.testing.assert_array_equal(mask[0], [1, 1, 1, 1, 0, 0])
+  midpoint, _ = labels.apply_policy(raw[:1], codes, lsr)
+  np.testing.assert_allclose(midpoint[0, 2:4], [0.7, 0.2])
+  np.testing.assert_array_equal(labels.hard_codes(codes), labels.resolve_policies(
+      ["a", "b", "c", "d", "e", "f"], "ones", {"d": "zeros", "f": "ignore"}))
+
+
 def test_flip_swaps_patient_sides(dataset):
   flip = spec(dataset, augment=dict(NO_AUGMENT, hflip=True))
   payload = records.split_source(dataset, "train")[0]

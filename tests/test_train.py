@@ -190,10 +190,12 @@ def test_bad_values_are_listed(data_dir):
   config = datasets.tiny_config(data_dir)
   config.optim.name = "adamm"
   config.data.uncertainty_per_label = "Edema:ones"
+  config.data.lsr_ones = (0.9, 0.5)
   with pytest.raises(ValueError) as err:
     train.train_and_evaluate(config, "unused")
   assert "config.optim.name='adamm'" in str(err.value)
   assert "uncertainty_per_label" in str(err.value)
+  assert "config.data.lsr_ones=(0.9, 0.5): need 0 <= low <= high <= 1" in str(err.value)
 
 
 def test_missing_checkpoint_is_an_error(data_dir, tmp_path):

@@ -2,7 +2,11 @@
 
 Label values in records: 1 positive, 0 negative, -1 uncertain, NaN unknown. Before the loss every
 label becomes a (target, mask) pair: NaN is always masked out; -1 follows the label's policy:
-  ignore: masked out (CheXpert U-Ignore), zeros: target 0 (U-Zeros), ones: target 1 (U-Ones).
+  ignore: masked out (CheXpert U-Ignore), zeros: target 0 (U-Zeros), ones: target 1 (U-Ones),
+  zeros_lsr / ones_lsr: a soft target drawn uniformly, per example and label, from an interval
+  (U-Zeros-LSR, U-Ones-LSR of Pham et al. 2021: [0, 0.3] and [0.55, 0.85] by default,
+  `config.data.lsr_zeros` and `lsr_ones`); without a random generator (evaluation) the
+  interval's midpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ ALIASES = {"Infiltrate": "Infiltration", "Pleural Effusion": "Effusion",
 
 SIDES = ("right", "left")  # the patient's side (shown on the viewer's left and right in a PA film)
 ZONES = ("upper", "middle", "lower")
-POLICIES = ("ignore", "zeros", "ones")
+POLICIES = ("ignore", "zeros", "ones", "zeros_lsr", "ones_lsr")
+LSR_POLICIES = {"zeros_lsr": "zeros", "ones_lsr": "ones"}  # each smoothed policy's hard one
+DEFAULT_LSR = {"zeros_lsr": (0.0, 0.3), "ones_lsr": (0.55, 0.85)}
 
 
 def canonical(name: str) -> str:
@@ -100,12 +106,33 @@ def resolve_policies(label_names: Sequence[str], default: str = "ignore",
   return np.array(codes, np.int64)
 
 
-def apply_policy(labels: np.ndarray, policy_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Maps raw labels (1/0/-1/NaN) to (targets in {0,1}, mask in {0,1}), both float32."""
+def hard_codes(policy_codes: np.ndarray) -> np.ndarray:
+  """The codes with each smoothed policy replaced by its hard one (ones_lsr -> ones), for what
+  only asks positive or negative, such as class counts."""
+  codes = np.asarray(policy_codes).copy()
+  for soft, hard in LSR_POLICIES.items():
+    codes[codes == POLICIES.index(soft)] = POLICIES.index(hard)
+  return codes
+
+
+def apply_policy(labels: np.ndarray, policy_codes: np.ndarray,
+                 lsr: Mapping[str, tuple[float, float]] | None = None,
+                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Maps raw labels (1/0/-1/NaN) to (targets in [0, 1], mask in {0, 1}), both float32.
+
+  `lsr` maps zeros_lsr and ones_lsr to their (low, high) intervals (default DEFAULT_LSR); `rng`
+  draws their targets, or without it they take the midpoint.
+  """
   labels = np.asarray(labels, np.float32)
+  policy_codes = np.asarray(policy_codes)
   uncertain = labels == -1
   known = ~np.isnan(labels)
   targets = np.where(known & ~uncertain, labels, 0.0)
   targets = np.where(uncertain & (policy_codes == POLICIES.index("ones")), 1.0, targets)
+  for name, (low, high) in {**DEFAULT_LSR, **(lsr or {})}.items():
+    smoothed = uncertain & (policy_codes == POLICIES.index(name))
+    if smoothed.any():
+      drawn = rng.uniform(low, high, labels.shape) if rng is not None else (low + high) / 2
+      targets = np.where(smoothed, drawn, targets)
   mask = known & ~(uncertain & (policy_codes == POLICIES.index("ignore")))
   return targets.astype(np.float32), mask.astype(np.float32)

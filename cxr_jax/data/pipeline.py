@@ -43,6 +43,7 @@ class ExampleSpec:
   image_size: int
   policy_codes: tuple[int, ...]
   max_boxes: int
+  lsr: tuple[tuple[str, tuple[float, float]], ...] = ()  # smoothed policies' target intervals
   num_fine: int = 0
   fine_mirror: tuple[int, ...] = ()
   anatomy_mirror: tuple[int, ...] = ()  # id -> mirrored id; empty when anatomy is not loaded
@@ -74,6 +75,8 @@ def make_spec(data_config: Mapping[str, Any], manifest: Mapping[str, Any], *, tr
       image_size=data_config["image_size"],
       policy_codes=tuple(int(c) for c in policies),
       max_boxes=data_config["max_boxes"],
+      lsr=tuple((name, tuple(data_config.get(f"lsr_{hard}", labels_lib.DEFAULT_LSR[name])))
+                for name, hard in labels_lib.LSR_POLICIES.items()),
       num_fine=len(fine),
       fine_mirror=tuple(int(i) for i in labels_lib.mirror_permutation(fine)) if fine else (),
       anatomy_mirror=(tuple(int(i) for i in labels_lib.mirror_permutation(anatomy))
@@ -106,7 +109,8 @@ def make_example(payload: bytes, spec: ExampleSpec, rng: np.random.Generator | N
     image = augment.resize(image, spec.image_size)
     if anatomy is not None:
       anatomy = augment.resize(anatomy, spec.image_size, nearest=True)
-  targets, mask = labels_lib.apply_policy(ex.labels, np.asarray(spec.policy_codes))
+  targets, mask = labels_lib.apply_policy(ex.labels, np.asarray(spec.policy_codes),
+                                          dict(spec.lsr), rng)
   out = dict(image=image[..., None], labels=targets, label_mask=mask,
              **_pad_boxes(boxes, box_labels, spec.max_boxes, ex.image_id),
              box_supervised=np.float32(ex.box_supervised),
