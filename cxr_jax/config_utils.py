@@ -120,10 +120,21 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=1, sort_keys=True))
 
 
+# Fields added to the config after runs were saved without them, each with the value that means
+# what such a run did, so that evaluating or resuming an older run keeps working.
+ADDED_FIELDS = {"eval.classes": "", "eval.study_level": "", "data.lsr_zeros": (0.0, 0.3),
+                "data.lsr_ones": (0.55, 0.85)}
+
+
 def load(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with."""
+  """The config a run in `workdir` was trained with (ADDED_FIELDS filled in where it lacks
+  them)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a training run?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  for dotted, value in ADDED_FIELDS.items():
+    section, field = dotted.split(".")
+    saved.setdefault(section, {}).setdefault(field, value)
+  return ml_collections.ConfigDict(saved)

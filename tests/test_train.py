@@ -205,6 +205,26 @@ def test_missing_checkpoint_is_an_error(data_dir, tmp_path):
     experiment.restore_for_inference(str(tmp_path), "best")
 
 
+def test_a_run_saved_before_newer_config_fields_still_loads_with_their_defaults(data_dir,
+                                                                               tmp_path):
+  """A config.json without fields added since (config_utils.ADDED_FIELDS) loads with the values
+  that mean what the run did, the current defaults, and validates: old runs stay evaluable."""
+  from cxr_jax import config_utils
+  config = datasets.tiny_config(data_dir)
+  config_utils.save(config, str(tmp_path))
+  with open(tmp_path / config_utils.CONFIG_FILE) as f:
+    saved = json.load(f)
+  for dotted in config_utils.ADDED_FIELDS:
+    section, field = dotted.split(".")
+    del saved[section][field]
+  with open(tmp_path / config_utils.CONFIG_FILE, "w") as f:
+    json.dump(saved, f)
+  loaded = config_utils.load(str(tmp_path))
+  for dotted in config_utils.ADDED_FIELDS:
+    assert config_utils.get(loaded, dotted) == config_utils.get(config, dotted), dotted
+  config_utils.validate(loaded)
+
+
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, keep_best=1)
   for step, auc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7)]:
