@@ -1,6 +1,7 @@
 """Tests of data_prep.phantom: NIH formats and quirks, determinism, splits, labels and boxes."""
 
 import csv
+import gzip
 import json
 import os
 import re
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_jax.data import labels
-from data_prep import phantom
+from cxr_jax.data import labels, tfrecord, writer
+from data_prep import chexpert, mimic, phantom
 from data_prep.phantom import layout
 
 SIZE = 64
@@ -301,3 +302,152 @@ def test_command_line_tiny_run_preview_and_benchmark(tmp_path, capsys):
   assert "images/s" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     phantom.main(["--out", str(out), "--prevalence", "Hernia"])
+
+
+# Other layouts: the phantom as CheXpert and MIMIC-CXR-JPG release it, through their converters.
+
+LAYOUT_PATIENTS, LAYOUT_SIZE, CONVERTED_SIZE = 6, 32, 16
+# The mapping of NIH findings to CheXpert observations (project spelling), written out here
+# independently of release_layouts; Emphysema, Fibrosis and Hernia have none.
+EXPECTED_OBSERVATION = {
+    "Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Effusion",
+    "Infiltration": "Lung Opacity", "Mass": "Lung Lesion", "Nodule": "Lung Lesion",
+    "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax", "Consolidation": "Consolidation",
+    "Edema": "Edema", "Pleural_Thickening": "Pleural Other",
+}
+MIMIC_ID = re.compile(r"files/p(1\d)/p(\1\d{6})/s(\d{8})/([0-9a-f]{8}(?:-[0-9a-f]{8}){4})\.jpg")
+
+
+@pytest.fixture(scope="module", params=["chexpert", "mimic"])
+def release(request, tmp_path_factory):
+  """(layout, phantom folder, converted folder, manifest) of a tiny phantom in that layout."""
+  root = tmp_path_factory.mktemp(request.param)
+  src, out = str(root / "src"), str(root / "out")
+  phantom.generate(src, num_patients=LAYOUT_PATIENTS, image_size=LAYOUT_SIZE, seed=2, workers=1,
+                   layout=request.param)
+  convert = chexpert.convert if request.param == "chexpert" else mimic.convert
+  manifest = convert(src, out, image_size=CONVERTED_SIZE, workers=1)
+  return request.param, src, out, manifest
+
+
+def read_records(out):
+  """Every record of a prepared dataset by split, in file order."""
+  manifest = writer.load_manifest(out)
+  return {split: [tfrecord.parse(payload) for shard in info["shards"]
+                  for _, payload in tfrecord.iter_records(os.path.join(out, shard["file"]))]
+          for split, info in manifest["splits"].items()}
+
+
+def release_ids(src):
+  """Each phantom image's record id (its release path without the top folder) by its name."""
+  rows = read_csv_rows(os.path.join(src, phantom.EXTRAS, layout.IMAGE_PATHS))
+  assert rows[0] == ["Image Index", "Path"]
+  return {name: path.split("/", 1)[1] for name, path in rows[1:]}
+
+
+def expected_labels(findings):
+  """The record labels (CHEXPERT_LABELS order) of an image with these NIH findings."""
+  vector = np.zeros(len(labels.CHEXPERT_LABELS), np.float32)
+  vector[labels.CHEXPERT_LABELS.index(labels.NO_FINDING)] = np.nan if findings else 1.0
+  for finding in findings:
+    if finding in EXPECTED_OBSERVATION:
+      vector[labels.CHEXPERT_LABELS.index(EXPECTED_OBSERVATION[finding])] = 1.0
+  return vector
+
+
+def test_release_layouts_convert_with_every_image_in_its_split(release):
+  name, src, out, manifest = release
+  info = json.loads(read_text(os.path.join(src, phantom.EXTRAS, phantom.INFO)))
+  assert info["layout"] == info["arguments"]["layout"] == name
+  assert not os.path.exists(os.path.join(src, "images"))
+  records = read_records(out)
+  counts = {split: len(exs) for split, exs in records.items()}
+  assert counts == {s: v["num_records"] for s, v in manifest["splits"].items()}
+  assert sum(counts.values()) == info["num_images"]
+  # The phantom's test patients are the release's evaluation split, "test" once converted.
+  assert counts["test"] == info["num_test_images"] > 0
+  assert counts["train"] > 0 and counts["val"] > 0
+  if name == "mimic":
+    assert info["layout_splits"] == {"train": counts["train"], "validate": counts["val"],
+                                     "test": counts["test"]}
+  else:
+    assert info["layout_splits"] == {"train.csv": counts["train"] + counts["val"],
+                                     "valid.csv": counts["test"]}
+  patients = {split: {ex.patient_id for ex in exs} for split, exs in records.items()}
+  assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"]
+              or patients["val"] & patients["test"])
+  assert {ex.view for exs in records.values() for ex in exs} <= {"AP", "PA"}
+
+
+def test_release_layouts_labels_are_the_mapped_findings(release):
+  _, src, out, _ = release
+  findings = {}
+  for r in fine_rows(src):
+    findings.setdefault(r["Image Index"], set()).add(r["Finding Label"])
+  by_id = {ex.image_id: ex for exs in read_records(out).values() for ex in exs}
+  ids = release_ids(src)
+  assert sorted(by_id) == sorted(ids.values())
+  for image, image_id in ids.items():
+    np.testing.assert_array_equal(by_id[image_id].labels, expected_labels(findings.get(image, ())),
+                                  err_msg=image)
+  # Normal images and abnormal ones are both there, so both halves of the rule were checked.
+  assert {bool(findings.get(image)) for image in ids} == {False, True}
+
+
+def test_chexpert_layout_has_the_release_paths_and_patient_data(tmp_path):
+  src = tmp_path / "chexpert"
+  phantom.generate(src, num_patients=3, image_size=LAYOUT_SIZE, seed=4, workers=1,
+                   layout="chexpert")
+  folder = chexpert.LAYOUTS["small"]
+  for csv_name in (chexpert.TRAIN_CSV, chexpert.VALID_CSV):
+    rows = read_csv_rows(os.path.join(src, folder, csv_name))
+    assert ",".join(rows[0]) == ",".join(chexpert.HEADER)
+    for row in rows[1:]:
+      assert re.fullmatch(folder + r"/(train|valid)/patient\d{5}/study[1-5]/view1_frontal\.jpg",
+                          row[0]), row
+      assert row[0].split("/")[1] == csv_name[:-4]
+      assert row[1] in ("Male", "Female") and 18 <= int(row[2]) < 90 and row[3:5] in (
+          ["Frontal", "AP"], ["Frontal", "PA"])
+      assert row[5] in ("", "1.0") and set(row[6:]) <= {"1.0", "0.0"}
+      assert not (row[5] == "1.0" and "1.0" in row[6:])
+      with Image.open(os.path.join(src, row[0])) as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "L", (LAYOUT_SIZE, LAYOUT_SIZE))
+
+
+def test_mimic_layout_ids_are_release_shaped_and_drawn_from_the_seed(tmp_path):
+  first, again, other = (tmp_path / n for n in ("first", "again", "other"))
+  for out, seed in ((first, 4), (again, 4), (other, 5)):
+    phantom.generate(out, num_patients=4, image_size=LAYOUT_SIZE, seed=seed, workers=1,
+                     layout="mimic")
+  assert all_files(str(first)) == all_files(str(again))
+  paths = [path for _, path in read_csv_rows(os.path.join(first, phantom.EXTRAS,
+                                                          layout.IMAGE_PATHS))[1:]]
+  other_paths = [path for _, path in read_csv_rows(os.path.join(other, phantom.EXTRAS,
+                                                                layout.IMAGE_PATHS))[1:]]
+  assert all(MIMIC_ID.fullmatch(p) for p in paths + other_paths), paths + other_paths
+  assert not set(paths) & set(other_paths)
+  parts = [MIMIC_ID.fullmatch(p).groups() for p in paths]
+  assert len({study for _, _, study, _ in parts}) == len(parts)  # one image per study
+  assert len({subject for _, subject, _, _ in parts}) == 4
+  split = gzip_lines(os.path.join(first, mimic.SPLIT_FILE + ".gz"))
+  assert split[0] == ",".join(mimic.SPLIT_HEADER)
+  assert sorted(line.split(",")[0] for line in split[1:]) == sorted(d for *_, d in parts)
+  chexpert_labels = os.path.join(first, mimic.LABEL_FILES["chexpert"] + ".gz")
+  negbio_labels = os.path.join(first, mimic.LABEL_FILES["negbio"] + ".gz")
+  assert gzip_lines(chexpert_labels) == gzip_lines(negbio_labels)
+
+
+def gzip_lines(path):
+  with gzip.open(path, "rt", newline="") as f:
+    return f.read().rstrip("\n").split("\n")
+
+
+def test_layout_nih_is_the_default_byte_for_byte(dataset, tmp_path):
+  out = tmp_path / "nih"
+  assert phantom.main(["--out", str(out), "--num-patients", "8", "--image-size", str(SIZE),
+                       "--seed", "0", "--workers", "1", "--layout", "nih"]) == 0
+  assert all_files(str(out)) == all_files(dataset)
+  info = json.loads(read_text(os.path.join(out, phantom.EXTRAS, phantom.INFO)))
+  assert "layout" not in info and "layout" not in info["arguments"]
+  with pytest.raises(ValueError, match="layout must be one of"):
+    phantom.generate(tmp_path / "bad", num_patients=2, image_size=32, layout="padchest")

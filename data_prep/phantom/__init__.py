@@ -1,4 +1,5 @@
-"""Procedural synthetic chest radiographs ("the phantom"), written in the NIH ChestX-ray14 layout.
+"""Procedural synthetic chest radiographs ("the phantom"), written in the NIH ChestX-ray14 layout
+(or CheXpert's, or MIMIC-CXR-JPG's).
 
 Every image is drawn from a seed: a patient's anatomy (body, lungs, heart, mediastinum,
 diaphragm, ribs, clavicles, spine, vascular markings), the view (PA or AP), pose, exposure,
@@ -30,11 +31,13 @@ Modules, in the order an image is made:
   streams     the random streams every draw comes from
   patients    one patient's images and table rows, a worker's job (`benchmark` times it)
   layout      the NIH files and extras on disk (`generate`)
+  release_layouts  the CheXpert and MIMIC-CXR-JPG layouts (`generate(..., layout=...)`)
   preview     one image per label on one sheet (`make_preview`)
   cli         the command line (`main`)
 
 Usage:
   python -m data_prep.phantom --out DIR --num-patients 500 --image-size 256 --seed 0
+  python -m data_prep.phantom --out DIR --num-patients 500 --layout chexpert   # or mimic
   python -m data_prep.phantom --preview docs/phantom_preview.png --image-size 256
   python -m data_prep.phantom --benchmark 200 --image-size 256
 """

@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from cxr_jax.data import labels as label_lib
-from data_prep.phantom.layout import generate
+from data_prep.phantom.layout import LAYOUTS, generate
 from data_prep.phantom.patients import benchmark
 from data_prep.phantom.preview import make_preview
 from data_prep.phantom.prevalence import DEFAULT_NO_FINDING
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--no-finding", type=float, default=DEFAULT_NO_FINDING,
                  help="fraction of 'No Finding' images")
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+  p.add_argument("--layout", choices=LAYOUTS, default="nih",
+                 help="the release whose files to write: NIH ChestX-ray14 (default), CheXpert "
+                      "v1.0 (small) or MIMIC-CXR-JPG 2.x, labels mapped to CheXpert's")
   p.add_argument("--preview", metavar="PATH",
                  help="write a grid of one normal image and one per label, then exit")
   p.add_argument("--benchmark", type=int, metavar="N",
@@ -77,12 +80,15 @@ def _generate(args: argparse.Namespace) -> int:
     summary = generate(args.out, args.num_patients, args.image_size, args.seed,
                        workers=args.workers, test_fraction=args.test_fraction,
                        label_noise=args.label_noise, prevalence=dict(args.prevalence),
-                       no_finding=args.no_finding, overwrite=args.overwrite)
+                       no_finding=args.no_finding, overwrite=args.overwrite, layout=args.layout)
   except (ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {args.out}: {summary['num_images']} images of {summary['num_patients']} patients "
         f"({summary['num_train_val_images']} train_val, {summary['num_test_images']} test), "
         f"{summary['num_instances']} finding instances, {summary['num_boxes']} boxes")
+  if args.layout != "nih":
+    counts = ", ".join(f"{n} {split}" for split, n in summary["layout_splits"].items())
+    print(f"{args.layout} layout: {counts}")
   return 0
 

@@ -3,14 +3,16 @@
 `generate` renders every patient (in worker processes), then writes the NIH tables and split
 lists, the extras' fine labels and `phantom_info.json`, all into a staging folder that is renamed
 into place only when complete. File names, headers and the folder's layout are documented in
-docs/phantom.md ("Files") and docs/architecture.md ("The phantom in NIH layout").
+docs/phantom.md ("Files") and docs/architecture.md ("The phantom in NIH layout"). With `layout`
+"chexpert" or "mimic", the images and tables are those of that release instead
+(release_layouts; docs/phantom.md, "Other layouts").
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,13 +42,21 @@ FINE_LABELS = "fine_labels.csv"
 FINE_LABELS_HEADER = "Image Index,Finding Label,Side,Zone,x,y,w,h"
 INFO = "phantom_info.json"
 FIELD_OF_VIEW_MM = 400.0  # the canonical image width, for OriginalImagePixelSpacing
+LAYOUTS = ("nih", "chexpert", "mimic")  # the releases whose files `generate` can write
+# The extras of the other layouts: each image's phantom name (its extras' key) and release path.
+IMAGE_PATHS = "image_paths.csv"
+IMAGE_PATHS_HEADER = "Image Index,Path"
+# MIMIC's subject ids have 8 digits, 10000000-19999999 as in the release: one per patient.
+MIMIC_MAX_PATIENTS = 10_000_000
 
 
 def generate(out_dir: str | os.PathLike, num_patients: int, image_size: int = 512, seed: int = 0,
              *, workers: int | None = None, test_fraction: float = 0.2, label_noise: float = 0.0,
              prevalence: Mapping[str, float] | None = None,
-             no_finding: float = DEFAULT_NO_FINDING, overwrite: bool = False) -> dict[str, Any]:
-  """Writes a phantom dataset in the NIH layout (package docstring) and returns its summary.
+             no_finding: float = DEFAULT_NO_FINDING, overwrite: bool = False,
+             layout: str = "nih") -> dict[str, Any]:
+  """Writes a phantom dataset in the NIH layout (package docstring), or in CheXpert's or
+  MIMIC-CXR-JPG's (`layout`), and returns its summary.
 
   Args:
     out_dir: the dataset folder; written atomically (a temporary sibling renamed at the end).
@@ -60,8 +70,11 @@ def generate(out_dir: str | os.PathLike, num_patients: int, image_size: int = 51
     prevalence: per-image rates overriding DEFAULT_PREVALENCE, by label name.
     no_finding: fraction of images with no finding.
     overwrite: replace a non-empty `out_dir` (refused otherwise).
+    layout: one of LAYOUTS: "nih", or "chexpert" / "mimic" for those releases' files, labels
+      mapped to CheXpert's observations (release_layouts), with the same extras but for NIH's
+      tables and boxes.
   """
-  _check_arguments(num_patients, image_size, seed, test_fraction, label_noise)
+  _check_arguments(num_patients, image_size, seed, test_fraction, label_noise, layout)
   prevalence_all = resolve_prevalence(prevalence)
   rates = abnormal_rates(prevalence_all, no_finding)
   out_dir = os.path.abspath(out_dir)
@@ -74,16 +87,27 @@ def generate(out_dir: str | os.PathLike, num_patients: int, image_size: int = 51
     jobs = [Job(pid, seed, image_size, tuple(rates.tolist()), no_finding, label_noise, image_dirs)
             for pid in range(1, num_patients + 1)]
     rows = _render_patients(jobs, workers)
-    test = _test_patients(seed, num_patients, test_fraction)
+    test = draw_patients(seed, range(1, num_patients + 1), test_fraction, index=0)
     arguments = dict(num_patients=num_patients, image_size=image_size, seed=seed,
                      test_fraction=test_fraction, label_noise=label_noise,
                      prevalence=dict(prevalence or {}), no_finding=no_finding)
-    summary = _write_tables(tmp, rows, test, image_size, arguments, prevalence_all, no_finding)
+    if layout == "nih":
+      summary = _write_tables(tmp, rows, test, image_size, arguments, prevalence_all, no_finding)
+    else:
+      # Only here, so that an NIH dataset's phantom_info.json stays as it always was.
+      arguments["layout"] = layout
+      summary = _write_release(tmp, layout, rows, test, image_size, arguments, prevalence_all,
+                               no_finding)
   return summary
 
 
 def _check_arguments(num_patients: int, image_size: int, seed: int, test_fraction: float,
-                     label_noise: float) -> None:
+                     label_noise: float, layout: str) -> None:
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  if layout == "mimic" and num_patients > MIMIC_MAX_PATIENTS:
+    raise ValueError(f"the mimic layout holds at most {MIMIC_MAX_PATIENTS} patients (8-digit "
+                     f"subject ids 1XXXXXXX), got {num_patients}")
   if num_patients < 1 or num_patients > 99_999_999:
     raise ValueError(f"num_patients must be in [1, 99999999], got {num_patients}")
   if image_size < 32:
@@ -108,14 +132,16 @@ def _render_patients(jobs: Sequence[Job], workers: int | None) -> list[dict[str,
     return [row for rows in results for row in rows]
 
 
-def _test_patients(seed: int, num_patients: int, test_fraction: float) -> set[int]:
-  """Patient ids of the test split: a seeded draw of round(fraction x patients), at least one
-  patient in each split when both are asked for."""
-  count = round(test_fraction * num_patients)
-  if 0.0 < test_fraction < 1.0 and num_patients >= 2:
-    count = min(max(count, 1), num_patients - 1)
-  order = np.random.default_rng([seed, 0, streams.SPLIT, 0]).permutation(num_patients)
-  return {int(i) + 1 for i in order[:count]}
+def draw_patients(seed: int, patients: Iterable[int], fraction: float, index: int) -> set[int]:
+  """A seeded draw of round(fraction x patients) of `patients` (ids in ascending order), at least
+  one drawn and one left when both are asked for; `index` of the SPLIT stream: 0 the test split,
+  1 MIMIC's validate split (drawn from the others)."""
+  pool = list(patients)
+  count = round(fraction * len(pool))
+  if 0.0 < fraction < 1.0 and len(pool) >= 2:
+    count = min(max(count, 1), len(pool) - 1)
+  order = np.random.default_rng([seed, 0, streams.SPLIT, index]).permutation(len(pool))
+  return {pool[i] for i in order[:count]}
 
 
 def _write_tables(out: str, rows: list[dict[str, Any]], test: set[int], size: int,
@@ -125,17 +151,47 @@ def _write_tables(out: str, rows: list[dict[str, Any]], test: set[int], size: in
   entries, boxes, fine, splits = _tables(rows, test, size)
   for path, lines in ((DATA_ENTRY, entries), (BBOX_LIST, boxes),
                       (os.path.join(EXTRAS, FINE_LABELS), fine)):
-    with open(os.path.join(out, path), "w", newline="") as f:
-      f.write("\n".join(lines) + "\n")
+    write_lines(out, path, lines)
   for path, names in splits.items():
     with open(os.path.join(out, path), "w", newline="") as f:
       f.write("\n".join(names))  # NIH's lists end without a newline
   summary = _summary(rows, splits, len(fine) - 1, len(boxes) - 1, arguments, prevalence,
                      no_finding)
+  _write_info(out, summary)
+  return summary
+
+
+def _write_release(out: str, layout: str, rows: list[dict[str, Any]], test: set[int], size: int,
+                   arguments: dict[str, Any], prevalence: dict[str, float],
+                   no_finding: float) -> dict[str, Any]:
+  """Writes the images and tables of CheXpert's or MIMIC's release (release_layouts), then the
+  extras: fine labels, image_paths.csv and phantom_info.json (no NIH tables, no boxes); returns
+  the summary, with the images of each of the release's splits (`layout_splits`)."""
+  # Imported here: release_layouts reads the converters' formats from data_prep.chexpert and
+  # data_prep.mimic, which load TensorFlow Datasets; the spawned render workers import this
+  # package and would load it too.
+  from data_prep.phantom import release_layouts  # pylint: disable=g-import-not-at-top
+  paths, layout_splits = release_layouts.write(layout, out, rows, test, arguments["seed"], size)
+  _, _, fine, splits = _tables(rows, test, size)
+  write_lines(out, os.path.join(EXTRAS, FINE_LABELS), fine)
+  write_lines(out, os.path.join(EXTRAS, IMAGE_PATHS),
+               [IMAGE_PATHS_HEADER] + [f"{row['image']},{paths[row['image']]}" for row in rows])
+  summary = _summary(rows, splits, len(fine) - 1, 0, arguments, prevalence, no_finding)
+  summary.update(layout=layout, layout_splits=layout_splits)
+  _write_info(out, summary)
+  return summary
+
+
+def write_lines(out: str, path: str, lines: Sequence[str]) -> None:
+  """Writes `lines` to `path` under `out`, each ended by a newline (no CRLF on any platform)."""
+  with open(os.path.join(out, path), "w", newline="") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def _write_info(out: str, summary: dict[str, Any]) -> None:
   with open(os.path.join(out, EXTRAS, INFO), "w") as f:
     json.dump(summary, f, indent=1)
     f.write("\n")
-  return summary
 
 
 def _tables(rows: list[dict[str, Any]], test: set[int],

@@ -6,4 +6,4 @@ drew the others, nor on each other: the output is byte-identical for any number 
 """
 
 PATIENT, IMAGE, LABELS, NOISE = 0, 1, 2, 3  # index: 0, or the follow-up for an image's streams
-SPLIT, EXAMPLE, PREVIEW = 4, 5, 6  # patient 0
+SPLIT, EXAMPLE, PREVIEW, RELEASE_IDS = 4, 5, 6, 7  # patient 0 (RELEASE_IDS: MIMIC's ids, dates)
