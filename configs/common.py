@@ -112,3 +112,19 @@ def get_config() -> ml_collections.ConfigDict:
       distributed="none", coordinator_address="", num_processes=config_dict.placeholder(int),
       process_id=config_dict.placeholder(int)))
   return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+  """Turns a recipe into its `:smoke` variant: a tiny version of its backbone (one layer or
+  block per stage) on 64 px images for 4 steps, to check an installation end to end."""
+  c.data.image_size = 64
+  c.data.worker_count = 0
+  if c.model.backbone.name.startswith("densenet"):
+    c.model.backbone.update(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8,
+                            bn_size=2)
+  else:
+    c.model.backbone.stage_sizes = (1, 1, 1, 1)
+  c.optim.update(step_boundaries=(), warmup_steps=0)
+  c.train.update(steps=4, global_batch=8, log_every=1, eval_every=4)
+  c.checkpoint.every = 4
+  c.eval.global_batch = 8

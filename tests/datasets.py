@@ -1,6 +1,7 @@
 """Tiny prepared datasets (written through the real writer) and configs for tests."""
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
@@ -72,3 +73,16 @@ def tiny_config(data_dir, **train_changes):
   c.eval.global_batch = 8
   c.checkpoint.every = 3
   return c
+
+
+def read_split(out, split):
+  """The records of a prepared dataset's split, in file order."""
+  manifest = writer.load_manifest(out)
+  return [tfrecord.parse(payload)
+          for shard in manifest["splits"][split]["shards"]
+          for _, payload in tfrecord.iter_records(os.path.join(out, shard["file"]))]
+
+
+def read_all(out):
+  """The records of every split of a prepared dataset, by split."""
+  return {split: read_split(out, split) for split in writer.load_manifest(out)["splits"]}

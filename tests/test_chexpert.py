@@ -11,7 +11,8 @@ from PIL import Image
 
 import chexpert_fixtures as fx
 from cxr_jax import evaluate, train
-from cxr_jax.data import labels, tfrecord, writer
+from cxr_jax.data import labels, writer
+from datasets import read_all, read_split
 from data_prep import chexpert, common
 from test_end_to_end import REPO, load_config
 from data_prep.common import BadInputError
@@ -30,18 +31,6 @@ EXPECTED_VIEW = {"PA": "PA", "AP": "AP", "LL": "LL", "RL": "RL", "": "FRONTAL"}
 
 def convert(src, out, **kwargs):
   return chexpert.convert(str(src), str(out), image_size=SIZE, workers=1, **kwargs)
-
-
-def read_split(out, split):
-  """The records of a split, in file order."""
-  manifest = writer.load_manifest(out)
-  return [tfrecord.parse(payload)
-          for shard in manifest["splits"][split]["shards"]
-          for _, payload in tfrecord.iter_records(os.path.join(out, shard["file"]))]
-
-
-def read_all(out):
-  return {split: read_split(out, split) for split in writer.load_manifest(out)["splits"]}
 
 
 def ids_by_split(out):

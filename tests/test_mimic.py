@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import mimic_fixtures as fx
-from cxr_jax.data import labels, tfrecord, writer
+from cxr_jax.data import labels, writer
+from datasets import read_all
 from data_prep import mimic
 from data_prep.common import BadInputError
 
@@ -44,18 +45,6 @@ FRONTAL = ids(0x20, 0x10, 0x41, 0x40, 0x50, 0x61, 0x70, 0x80)
 
 def convert(src, out, **kwargs):
   return mimic.convert(str(src), str(out), image_size=SIZE, workers=1, **kwargs)
-
-
-def read_split(out, split):
-  """The records of a split, in file order."""
-  manifest = writer.load_manifest(out)
-  return [tfrecord.parse(payload)
-          for shard in manifest["splits"][split]["shards"]
-          for _, payload in tfrecord.iter_records(os.path.join(out, shard["file"]))]
-
-
-def read_all(out):
-  return {split: read_split(out, split) for split in writer.load_manifest(out)["splits"]}
 
 
 def examples_by_id(out):

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import nih_fixtures as fx
-from cxr_jax.data import labels, tfrecord, writer
+from cxr_jax.data import labels, writer
+from datasets import read_all, read_split
 from data_prep import common, nih
 from data_prep.common import BadInputError
 
@@ -23,18 +24,6 @@ BY_ID = {x.image_id: x for x in fx.IMAGES}
 
 def convert(src, out, **kwargs):
   return nih.convert(str(src), str(out), image_size=SIZE, workers=1, **kwargs)
-
-
-def read_split(out, split):
-  """The records of a split, in file order."""
-  manifest = writer.load_manifest(out)
-  return [tfrecord.parse(payload)
-          for shard in manifest["splits"][split]["shards"]
-          for _, payload in tfrecord.iter_records(os.path.join(out, shard["file"]))]
-
-
-def read_all(out):
-  return {split: read_split(out, split) for split in writer.load_manifest(out)["splits"]}
 
 
 def decode(png):

@@ -43,12 +43,5 @@ def get_config(arg=None):
   c.checkpoint.every = c.train.eval_every
   c.eval.global_batch = 64
   if arg.smoke:
-    c.data.image_size = 64
-    c.data.worker_count = 0
-    c.model.backbone.update(growth_rate=4, block_config=(1, 1, 1, 1), num_init_features=8,
-                            bn_size=2)
-    c.optim.step_boundaries = ()
-    c.train.update(steps=4, global_batch=8, log_every=1, eval_every=4)
-    c.checkpoint.every = 4
-    c.eval.global_batch = 8
+    common.smoke(c)
   return c

@@ -81,11 +81,5 @@ def get_config(arg=None):
   c.eval.evaluators = "classification,ham_localization,wang_localization"
   c.eval.localization_classes = ",".join(labels.NIH_BOX_LABELS)
   if arg.smoke:
-    c.data.image_size = 64
-    c.data.worker_count = 0
-    c.model.backbone.stage_sizes = (1, 1, 1, 1)
-    c.optim.step_boundaries = ()
-    c.train.update(steps=4, global_batch=8, log_every=1, eval_every=4)
-    c.checkpoint.every = 4
-    c.eval.global_batch = 8
+    common.smoke(c)
   return c

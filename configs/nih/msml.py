@@ -52,12 +52,6 @@ def get_config(arg=None):
   c.checkpoint.every = steps_per_epoch
   c.eval.global_batch = 64
   if arg.smoke:
-    c.data.image_size = 64
-    c.data.worker_count = 0
-    c.model.backbone.stage_sizes = (1, 1, 1, 1)
+    common.smoke(c)
     c.model.msml.update(features=16, sketch_dim=64)
-    c.optim.step_boundaries = ()
-    c.train.update(steps=4, global_batch=8, log_every=1, eval_every=4)
-    c.checkpoint.every = 4
-    c.eval.global_batch = 8
   return c

@@ -60,12 +60,7 @@ def get_config(arg=None):
   c.eval.global_batch = 64
   c.eval.evaluators = "classification,location_accuracy"
   if arg.smoke:
-    c.data.image_size = 64
-    c.data.worker_count = 0
-    c.model.backbone.update(stage_sizes=(1, 1, 1, 1), output_stride=8)
+    common.smoke(c)
     c.model.spf.update(grid=4, reduce_channels=8, bottleneck_channels=4, hidden=16)
-    c.optim.warmup_steps = 0
-    c.train.update(steps=4, global_batch=8, log_every=1, eval_every=4)
-    c.checkpoint.every = 4
-    c.eval.global_batch = 8
+    c.model.backbone.output_stride = 8
   return c
