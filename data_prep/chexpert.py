@@ -462,15 +462,11 @@ def convert(src: str, out: str, *, image_size: int, val_fraction: float = 0.1, s
       max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra=todo.facts) as dataset:
     bad.record_to(dataset)
     jobs = [common.ImageJob(i.path, image_size) for i in todo.items]
-    with common.parallel_map(common.prepare_image, jobs, workers) as results:
-      for item, result in zip(todo.items, common.with_progress(results, len(jobs))):
-        if result.error:
-          bad.report(BadInputError(item.entry.file, item.entry.line, result.error,
-                                   image=item.entry.image_id))
-          continue
-        item_boxes = check_box_bounds(item.boxes, result.width, result.height, todo.boxes_file,
-                                      bad) if item.boxes else []
-        dataset.add(item.split, make_example(item, result, item_boxes))
+    common.add_examples(
+        dataset, todo.items, jobs, workers, bad,
+        lambda item: (item.entry.file, item.entry.line, item.entry.image_id),
+        lambda item, result: make_example(item, result, check_box_bounds(
+            item.boxes, result.width, result.height, todo.boxes_file, bad)))
   return writer.load_manifest(out)
 
 

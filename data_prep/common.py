@@ -272,6 +272,21 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any],
     yield pool.imap(fn, items, chunksize=_CHUNK_SIZE)
 
 
+def add_examples(dataset: Any, items: Sequence[Any], jobs: Sequence[ImageJob], workers: int,
+                 bad: BadInputs, source_of: Callable[[Any], tuple[str, int, str]],
+                 make: Callable[[Any, ImageResult], Any]) -> None:
+  """Prepares each item's image (its job in `jobs`) in a pool of `workers` and adds
+  `make(item, result)`, a CxrExample, to the item's `split`. An image that cannot be prepared is
+  bad input named by `source_of(item)`: the file and row that list it, and its image id."""
+  with parallel_map(prepare_image, jobs, workers) as results:
+    for item, result in zip(items, with_progress(results, len(jobs))):
+      if result.error:
+        file, line, image_id = source_of(item)
+        bad.report(BadInputError(file, line, result.error, image=image_id))
+        continue
+      dataset.add(item.split, make(item, result))
+
+
 def with_progress(results: Iterable[Any], total: int, what: str = "images") -> Iterator[Any]:
   """Passes `results` through, logging the count and rate every so often."""
   start = time.perf_counter()

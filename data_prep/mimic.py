@@ -480,13 +480,10 @@ def convert(src: str, out: str, *, image_size: int, labeler: str = "chexpert",
       overwrite=overwrite, extra=todo.facts) as dataset:
     bad.record_to(dataset)
     jobs = [common.ImageJob(item.path, image_size) for item in todo.items]
-    with common.parallel_map(common.prepare_image, jobs, workers) as results:
-      for item, result in zip(todo.items, common.with_progress(results, len(jobs))):
-        if result.error:
-          bad.report(BadInputError(todo.split_file, item.dicom.line, result.error,
-                                   image=item.dicom.image_id))
-          continue
-        dataset.add(item.split, make_example(item, result, todo.fine))
+    common.add_examples(
+        dataset, todo.items, jobs, workers, bad,
+        lambda item: (todo.split_file, item.dicom.line, item.dicom.image_id),
+        lambda item, result: make_example(item, result, todo.fine))
   return writer.load_manifest(out)
 
 

@@ -585,13 +585,10 @@ def convert(src: str, out: str, *, image_size: int, val_fraction: float = 0.1, s
       max_shard_bytes=max_shard_bytes, overwrite=overwrite, extra=todo.facts) as dataset:
     bad.record_to(dataset)
     jobs = [common.ImageJob(i.path, image_size, i.label_map_path) for i in todo.items]
-    with common.parallel_map(common.prepare_image, jobs, workers) as results:
-      for item, result in zip(todo.items, common.with_progress(results, len(jobs))):
-        if result.error:
-          bad.report(BadInputError(todo.data_entry, item.entry.line, result.error,
-                                   image=item.entry.image_id))
-          continue
-        dataset.add(item.split, make_example(item, result, todo.fine))
+    common.add_examples(
+        dataset, todo.items, jobs, workers, bad,
+        lambda item: (todo.data_entry, item.entry.line, item.entry.image_id),
+        lambda item, result: make_example(item, result, todo.fine))
   return writer.load_manifest(out)
 
 
