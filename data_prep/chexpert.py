@@ -89,10 +89,6 @@ BOX_CLASS_TYPOS = {"enlarg cardiomediastinum": "Enlarged Cardiomediastinum"}
 BOX_TOLERANCE = 1.0  # pixels a box may overshoot the image
 
 
-class OptionsError(ValueError):
-  """Options that do not fit the source, such as no --layout when both layouts are there."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One row of a CheXpert CSV: an image, its patient, study, view and labels, and its place."""
@@ -146,7 +142,7 @@ def find_layout(src: str, layout: str | None = None) -> str:
     raise FileNotFoundError(f"neither {' nor '.join(LAYOUTS.values())} is in {src}: --src is "
                             "the folder that holds the release's folder")
   if len(found) > 1:
-    raise OptionsError(f"both {' and '.join(found)} are in {src}: choose one with "
+    raise common.OptionsError(f"both {' and '.join(found)} are in {src}: choose one with "
                        "--layout small or --layout full")
   return found[0]
 
@@ -446,11 +442,11 @@ def convert(src: str, out: str, *, image_size: int, val_fraction: float = 0.1, s
     BadInputError (a ValueError) naming the file and row of the first bad input, leaving `out`
       untouched, unless skip_bad; and whatever skip_bad, a bad CSV header, a box file that is not
       JSON, or `boxes` with the small layout.
-    OptionsError: both layouts in `src` and no `layout`, or an unknown `views`.
+    common.OptionsError: both layouts in `src` and no `layout`, or an unknown `views`.
     FileNotFoundError: no layout folder, or a missing CSV.
   """
   if views not in VIEW_CHOICES:
-    raise OptionsError(f"--views must be one of {VIEW_CHOICES}, got {views!r}")
+    raise common.OptionsError(f"--views must be one of {VIEW_CHOICES}, got {views!r}")
   folder = find_layout(src, layout)
   check_boxes_option(folder, boxes)
   bad = common.BadInputs(skip_bad)
@@ -487,19 +483,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Command-line entry point."""
   parser = argument_parser()
   args = parser.parse_args(argv)
-  logging.set_verbosity(logging.INFO)
-  try:
-    manifest = convert(args.src, args.out, image_size=args.image_size,
-                       val_fraction=args.val_fraction, seed=args.seed, views=args.views,
-                       layout=args.layout, test_csv=args.test_csv, boxes=args.boxes,
-                       workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite)
-  except OptionsError as e:
-    parser.error(str(e))
-  except (BadInputError, FileExistsError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from e
-  counts = ", ".join(f"{s} {v['num_records']}" for s, v in manifest["splits"].items())
-  print(f"wrote {args.out}: {counts}; {manifest['views_filtered_out']} lateral images left out; "
-        f"skipped {manifest['skipped']['count']} bad inputs")
+  manifest = common.run_converter(parser, lambda: convert(
+      args.src, args.out, image_size=args.image_size, val_fraction=args.val_fraction,
+      seed=args.seed, views=args.views, layout=args.layout, test_csv=args.test_csv,
+      boxes=args.boxes, workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite))
+  print(f"wrote {args.out}: {common.split_counts(manifest)}; {manifest['views_filtered_out']} "
+        f"lateral images left out; skipped {manifest['skipped']['count']} bad inputs")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ class BadInputError(ValueError):
     return item
 
 
+class OptionsError(ValueError):
+  """Converter options that do not go together or do not fit the source: a usage error."""
+
+
 class BadInputs:
   """The bad-input policy: raise the first one, or (skip_bad) skip and record each one.
 
@@ -312,6 +316,23 @@ def carve_by_patient(patients: Iterable[str], fraction: float, seed: int) -> fro
     count = min(max(count, 1), len(unique) - 1)
   ranked = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).digest())
   return frozenset(ranked[:count])
+
+
+def run_converter(parser: argparse.ArgumentParser, convert: Callable[[], dict]) -> dict:
+  """Runs a converter for its command line and returns the manifest: options that do not fit are
+  usage errors (exit 2), a bad input or an occupied --out a one-line error."""
+  logging.set_verbosity(logging.INFO)
+  try:
+    return convert()
+  except OptionsError as e:
+    parser.error(str(e))
+  except (BadInputError, FileExistsError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from e
+
+
+def split_counts(manifest: dict) -> str:
+  """`train 5, val 2, test 2`: the records of each split, for a converter's summary line."""
+  return ", ".join(f"{s} {v['num_records']}" for s, v in manifest["splits"].items())
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:

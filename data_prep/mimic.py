@@ -516,25 +516,21 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.val_fraction is not None or args.seed is not None:
     parser.error("--val-fraction and --seed do not apply: MIMIC-CXR-JPG has an official "
                  "validation split (split.csv's `validate`)")
-  logging.set_verbosity(logging.INFO)
-  try:
-    manifest = convert(args.src, args.out, image_size=args.image_size, labeler=args.labeler,
-                       views=args.views, one_per_study=args.one_per_study,
-                       keep_unlabelled=args.keep_unlabelled, fine_labels=args.fine_labels,
-                       workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite)
-  except (BadInputError, FileExistsError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from e
+  manifest = common.run_converter(parser, lambda: convert(
+      args.src, args.out, image_size=args.image_size, labeler=args.labeler, views=args.views,
+      one_per_study=args.one_per_study, keep_unlabelled=args.keep_unlabelled,
+      fine_labels=args.fine_labels, workers=args.workers, skip_bad=args.skip_bad,
+      overwrite=args.overwrite))
   print(summary(args.out, manifest))
 
 
 def summary(out: str, manifest: dict) -> str:
   """The line main prints: records per split, images left out by each step, bad inputs."""
-  counts = ", ".join(f"{s} {v['num_records']}" for s, v in manifest["splits"].items())
   steps = ["not_frontal", "not_first_of_study"]
   if not manifest["keep_unlabelled"]:
     steps.insert(0, "unlabelled")
   left_out = ", ".join(f"{manifest[step]} {step}" for step in steps)
-  return (f"wrote {out}: {counts}; left out {left_out}; skipped "
+  return (f"wrote {out}: {common.split_counts(manifest)}; left out {left_out}; skipped "
           f"{manifest['skipped']['count']} bad inputs")
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class SplitLists:
   box_list: str | None = None
 
 
-class ListOptionsError(ValueError):
+class ListOptionsError(common.OptionsError):
   """Split-list options that do not go together, such as --train-list without --test-list."""
 
 
@@ -609,20 +609,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Command-line entry point."""
   parser = argument_parser()
   args = parser.parse_args(argv)
-  logging.set_verbosity(logging.INFO)
-  try:
-    manifest = convert(args.src, args.out, image_size=args.image_size,
-                       val_fraction=args.val_fraction, seed=args.seed,
-                       train_list=args.train_list, test_list=args.test_list,
-                       val_list=args.val_list, box_list=args.box_list,
-                       fine_labels=args.fine_labels, workers=args.workers,
-                       skip_bad=args.skip_bad, overwrite=args.overwrite)
-  except ListOptionsError as e:
-    parser.error(str(e))
-  except (BadInputError, FileExistsError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from e
-  counts = ", ".join(f"{s} {v['num_records']}" for s, v in manifest["splits"].items())
-  print(f"wrote {args.out}: {counts}; skipped {manifest['skipped']['count']} bad inputs")
+  manifest = common.run_converter(parser, lambda: convert(
+      args.src, args.out, image_size=args.image_size, val_fraction=args.val_fraction,
+      seed=args.seed, train_list=args.train_list, test_list=args.test_list,
+      val_list=args.val_list, box_list=args.box_list, fine_labels=args.fine_labels,
+      workers=args.workers, skip_bad=args.skip_bad, overwrite=args.overwrite))
+  print(f"wrote {args.out}: {common.split_counts(manifest)}; skipped "
+        f"{manifest['skipped']['count']} bad inputs")
 
 
 if __name__ == "__main__":

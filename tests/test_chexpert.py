@@ -213,7 +213,7 @@ def test_boxes_are_refused_with_the_small_layout(src, tmp_path):
 
 def test_both_layouts_need_the_layout_option(src, tmp_path):
   fx.write_chexpert(src, layout="full")
-  with pytest.raises(chexpert.OptionsError, match="--layout small or --layout full"):
+  with pytest.raises(common.OptionsError, match="--layout small or --layout full"):
     convert(src, tmp_path / "out")
   assert convert(src, tmp_path / "out", layout="full")["layout"] == "CheXpert-v1.0"
   with pytest.raises(FileNotFoundError, match="neither CheXpert-v1.0-small nor CheXpert-v1.0"):
