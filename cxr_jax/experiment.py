@@ -17,7 +17,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cxr_jax import checkpoint, config_utils, methods, optim, parallel, steps
+from cxr_jax import checkpoint, config_utils, fileutil, methods, optim, parallel, steps
 from cxr_jax.data import labels as labels_lib, pipeline, records, tfrecord, writer as data_writer
 from cxr_jax.metrics import evaluators as evaluators_lib
 
@@ -28,9 +28,14 @@ def prepare_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
   manifest_path = os.path.join(config.data.dir, data_writer.MANIFEST)
   if (config.data.prepare and parallel.is_main_process()
       and not os.path.exists(manifest_path)):
-    module, _, function = config.data.prepare.partition(":")
-    logging.info("preparing %s with %s", config.data.dir, config.data.prepare)
-    getattr(importlib.import_module(module), function)(config.data.dir, **config.data.prepare_args)
+    # Runs started together on one machine (a study's --parallel) would otherwise each build the
+    # folder and replace the other's while it is read; the second waits, then finds it built.
+    with fileutil.exclusive(config.data.dir):
+      if not os.path.exists(manifest_path):
+        module, _, function = config.data.prepare.partition(":")
+        logging.info("preparing %s with %s", config.data.dir, config.data.prepare)
+        getattr(importlib.import_module(module), function)(config.data.dir,
+                                                           **config.data.prepare_args)
   if config.data.prepare and jax.process_count() > 1:
     # Every process waits here, whatever it sees on disk: a barrier skipped by some processes
     # (the data already there for them, not yet or never for others) would hang the run.

@@ -5,6 +5,7 @@ renamed there only when complete, so an interrupted or failed write leaves no ha
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from typing import Iterator
@@ -46,3 +47,20 @@ def replace_dir(src: str, dst: str) -> None:
   os.rename(dst, old)
   os.rename(src, dst)
   shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[None]:
+  """Holds an exclusive lock on the file `<path>.lock` (created if absent) for the `with` block.
+
+  Processes of one machine that may build the same folder (two runs of a study preparing one
+  cached dataset) take turns; the lock goes with the process, so a killed holder leaves none.
+  """
+  lock = f"{os.path.abspath(path)}.lock"
+  os.makedirs(os.path.dirname(lock), exist_ok=True)
+  with open(lock, "a", encoding="utf-8") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
