@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # a folder prepared by data_prep (holds cxr_manifest.json)
   c.data.prepare = ""  # "module:function" that creates data.dir when it is absent
+  # Several prepared datasets instead of data.dir: "name=DIR,name=DIR" (cxr_jax.data.mixture),
+  # drawn by "name=WEIGHT,..." (empty: by their sizes); metrics per member, e.g. val/nih/mean_auc.
+  c.data.mixture = ""
+  c.data.mixture_weights = ""
   c.data.prepare_args = ml_collections.ConfigDict()
   c.data.target = "labels"  # the field learned: labels | fine_labels (Finding|side|zone)
   c.data.train_split = "train"

@@ -4,7 +4,9 @@
   python -m cxr_jax.benchmark --config configs/nih/densenet121.py:res=512 --dtype bfloat16 \
       --batch 16 --steps 20 --warmup 10 --torch --output bench.jsonl
 
-Prints one JSON line per invocation (one setting). The batch is synthetic: uint8 images of the
+Prints one JSON line per invocation (one setting). `--compile_only` compiles the step and prints
+XLA's FLOP and memory estimates without running it: the memory a 512 px step would need, on a
+machine that could not run it. The batch is synthetic: uint8 images of the
 config's size, random labels and fine labels, every label known, random anatomy maps, and a box
 on every image, each marked for box supervision (so HAM's box term runs): every method finds its
 inputs. It is placed on the devices once, so this times the step alone (the input pipeline has
@@ -237,11 +239,23 @@ def _compile_train_step(run: experiment.Run, host_batch: Mapping[str, np.ndarray
 
 
 def measure_jax(config: ml_collections.ConfigDict, host_batch: Mapping[str, np.ndarray], *,
-                steps_timed: int, warmup: int, peak: float | None = None) -> dict[str, Any]:
-  """Compiles and times the trainer's train step on every local device; see the module doc."""
+                steps_timed: int, warmup: int, peak: float | None = None,
+                compile_only: bool = False) -> dict[str, Any]:
+  """Compiles and times the trainer's train step on every local device; see the module doc.
+  `compile_only`: no step runs (timings and rates null): XLA's FLOP and memory estimates of a
+  step too large for this machine's memory."""
   run = experiment.assemble(config, synthetic_manifest(config.train.global_batch))
   state, batch, compiled, compile_times = _compile_train_step(run, host_batch)
   params = sum(x.size for x in jax.tree.leaves(state.params))
+  devices = run.mesh.devices.flatten().tolist()
+  per_device = xla_flops(compiled)
+  flops_per_step = per_device * len(devices) if per_device else None
+  estimates = dict(framework="jax", version=jax.__version__, platform=devices[0].platform,
+                   device_kind=devices[0].device_kind, devices=len(devices),
+                   xla_flags=os.environ.get("XLA_FLAGS", ""), params=int(params), **compile_times,
+                   flops_per_step=flops_per_step, xla_memory_bytes=_xla_memory_bytes(compiled))
+  if compile_only:
+    return dict(estimates, step_s_median=None, images_per_s=None, final_loss=None)
   holder = {"state": state}
 
   def step():
@@ -250,19 +264,13 @@ def measure_jax(config: ml_collections.ConfigDict, host_batch: Mapping[str, np.n
     holder["loss"] = metrics["loss"].block_until_ready()
 
   timing = time_steps(step, steps=steps_timed, warmup=warmup)
-  devices = run.mesh.devices.flatten().tolist()
-  per_device = xla_flops(compiled)
-  flops_per_step = per_device * len(devices) if per_device else None
   peak = peak or peak_tflops(devices[0].device_kind, config.dtype)
   peak_memory, memory_source = _device_peak_memory(devices)
   return dict(
-      framework="jax", version=jax.__version__, platform=devices[0].platform,
-      device_kind=devices[0].device_kind, devices=len(devices),
-      xla_flags=os.environ.get("XLA_FLAGS", ""), params=int(params), **compile_times, **timing,
-      flops_per_step=flops_per_step,
+      estimates, **timing,
       **_rates(timing, config.train.global_batch, flops_per_step, peak, len(devices)),
       peak_memory_bytes=peak_memory, peak_memory_source=memory_source,
-      xla_memory_bytes=_xla_memory_bytes(compiled), final_loss=float(holder["loss"]))
+      final_loss=float(holder["loss"]))
 
 
 def _torch_optimizer(optim_config: Mapping[str, Any], parameters):
@@ -360,8 +368,12 @@ def measure_torch(config: ml_collections.ConfigDict, host_batch: Mapping[str, np
 
 def benchmark(config: ml_collections.ConfigDict, *, steps_timed: int, warmup: int,
               with_torch: bool, channels_last: bool = True,
-              peak: float | None = None) -> dict[str, Any]:
-  """One setting: the JSON-able record of the JAX step and, optionally, the torch step."""
+              peak: float | None = None, compile_only: bool = False) -> dict[str, Any]:
+  """One setting: the JSON-able record of the JAX step and, optionally, the torch step
+  (`compile_only`: XLA's estimates alone, see `measure_jax`)."""
+  if compile_only and with_torch:
+    raise ValueError("--compile_only runs no step, so there is no PyTorch step to compare: "
+                     "leave out --torch")
   manifest = synthetic_manifest(config.train.global_batch)
   task = experiment.make_task(config, manifest)
   num_classes = task.num_classes
@@ -373,9 +385,11 @@ def benchmark(config: ml_collections.ConfigDict, *, steps_timed: int, warmup: in
                                  channels_last=channels_last, peak=peak)
     logging.info("torch: %.3f s/step, %.1f images/s", torch_result["step_s_median"],
                  torch_result["images_per_s"])
-  jax_result = measure_jax(config, host_batch, steps_timed=steps_timed, warmup=warmup, peak=peak)
-  logging.info("jax: %.3f s/step, %.1f images/s", jax_result["step_s_median"],
-               jax_result["images_per_s"])
+  jax_result = measure_jax(config, host_batch, steps_timed=steps_timed, warmup=warmup, peak=peak,
+                           compile_only=compile_only)
+  if not compile_only:
+    logging.info("jax: %.3f s/step, %.1f images/s", jax_result["step_s_median"],
+                 jax_result["images_per_s"])
   if torch_result is not None and jax_result["flops_per_step"]:
     # The same model and batch: XLA's count is torch's work too.
     torch_result.update(_rates(torch_result, config.train.global_batch,
@@ -387,6 +401,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps_timed: int, warmup: in
       per_device_batch=config.train.global_batch // jax_result["devices"], dtype=config.dtype,
       remat=backbone.remat, num_classes=num_classes, steps=steps_timed, warmup=warmup,
       jax=jax_result, torch=torch_result,
+      compile_only=compile_only,
       jax_over_torch=(jax_result["images_per_s"] / jax_result["devices"]
                       / torch_result["images_per_s"] if torch_result else None))
 
@@ -406,7 +421,8 @@ def main(argv):
   config = apply_overrides(args.config, batch=args.batch, image_size=args.image_size,
                            dtype=args.dtype, remat=args.remat)
   record = benchmark(config, steps_timed=args.steps, warmup=args.warmup, with_torch=args.torch,
-                     channels_last=args.torch_channels_last, peak=args.peak_tflops)
+                     channels_last=args.torch_channels_last, peak=args.peak_tflops,
+                     compile_only=args.compile_only)
   record = dict(config=config_flags.get_config_filename(args["config"]), **record)
   line = json.dumps(_rounded(record))
   print(line, flush=True)
@@ -425,6 +441,8 @@ if __name__ == "__main__":
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config.dtype).")
   flags.DEFINE_bool("remat", None, "Rematerialise backbone blocks (default: the config's).")
   flags.DEFINE_bool("torch", False, "Also time the PyTorch mirror on the same batch.")
+  flags.DEFINE_bool("compile_only", False,
+                    "Compile the step and report XLA's FLOP and memory estimates; run nothing.")
   flags.DEFINE_bool("torch_channels_last", True, "PyTorch in channels_last layout.")
   flags.DEFINE_float("peak_tflops", None,
                      "Peak TFLOP/s of one device for the MFU (default: PEAK_TFLOPS).")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cxr_jax import layers, losses, methods, optim, parallel
-from cxr_jax.data import labels
+from cxr_jax.data import labels, mixture
 from cxr_jax.metrics import classification, evaluators
 
 CONFIG_FILE = "config.json"
@@ -58,6 +58,26 @@ def _evaluators(config) -> list[str]:
   return []
 
 
+def _data(config) -> list[str]:
+  """One dataset (`data.dir`) or a mixture of several (`data.mixture`), well formed."""
+  if config.data.mixture:
+    problems = []
+    if config.data.dir or config.data.prepare:
+      problems.append("config.data.mixture is set: leave config.data.dir and config.data.prepare "
+                      "empty (each member is a prepared folder)")
+    try:
+      mixture.parse(config.data.mixture, config.data.mixture_weights)
+    except ValueError as e:
+      problems.append(str(e))
+    return problems
+  if config.data.mixture_weights:
+    return ["config.data.mixture_weights is set without config.data.mixture"]
+  if not config.data.dir:
+    return ["config.data.dir is empty: point it at a folder prepared by data_prep (or list "
+            "several in config.data.mixture)"]
+  return []
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every bad value, before anything expensive starts."""
   problems = []
@@ -94,8 +114,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f"config.data.uncertainty_per_label: {e}")
   for path in ("data.lsr_zeros", "data.lsr_ones"):
     problems += _interval(config, path)
-  if not config.data.dir:
-    problems.append("config.data.dir is empty: point it at a folder prepared by data_prep")
+  problems += _data(config)
   if problems:
     raise ValueError("bad config:\n  " + "\n  ".join(problems))
 
@@ -123,7 +142,7 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
 # Fields added to the config after runs were saved without them, each with the value that means
 # what such a run did, so that evaluating or resuming an older run keeps working.
 ADDED_FIELDS = {"eval.classes": "", "eval.study_level": "", "data.lsr_zeros": (0.0, 0.3),
-                "data.lsr_ones": (0.55, 0.85)}
+                "data.lsr_ones": (0.55, 0.85), "data.mixture": "", "data.mixture_weights": ""}
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:

@@ -11,7 +11,10 @@ Writes into the workdir:
   localization_<split>.json  when the method returns `cams` and the split has boxes: each
                              configured localization protocol (HAM's, Wang et al.'s)
   heatmaps_<split>/          with --heatmaps N: N overlay PNGs named by image id
-and prints the tables. A workdir without the requested checkpoint is an error, never an evaluation
+and prints the tables. A run on a mixture of datasets (`config.data.mixture`) is evaluated per
+member, on the member's own labels: `eval_<split>_<member>.json`, `predictions_<split>_<member>.csv`
+and `localization_<split>_<member>.json`, and `eval_<split>.json` holds each member's mean AUC and
+their mean. A workdir without the requested checkpoint is an error, never an evaluation
 of an untrained model.
 """
 
@@ -36,36 +39,60 @@ def evaluate(workdir: str, split: str = "test", which: str = "best", n_boot: int
   Returns:
     {"classification": report, "localization": {protocol: report} (maybe empty),
      "location_accuracy": report or None, "losses": {name: mean}, "checkpoint_step": step,
-     "heatmaps": [paths]}.
+     "heatmaps": [paths]}; for a mixture {"members": {member: that dict}, "mean_auc": their
+    mean, "split", "checkpoint_step", "workdir"}.
   """
   run, state, step = experiment.restore_for_inference(workdir, which)
-  ids = experiment.record_ids(experiment.split_source(run.config, split))
-  image_ids = ids.image
   n_boot = run.config.eval.bootstrap if n_boot is None else n_boot
+  results = {member: _evaluate_member(run, state, step, workdir, split, n_boot, member)
+             for member in experiment.member_names(run.config)}
+  if heatmaps:
+    image_ids = experiment.record_ids(experiment.split_source(run.config, split)).image
+    paths = heatmaps_lib.write_overlays(run, state, split, heatmaps,
+                                        os.path.join(workdir, f"heatmaps_{split}"), image_ids)
+    for result in results.values():
+      result["heatmaps"] = paths
+  if list(results) == [None]:
+    return results[None]
+  summary = dict(members={name: dict(mean_auc=r["classification"]["mean_auc"],
+                                     n_examples=r["classification"]["n_examples"])
+                          for name, r in results.items()},
+                 mean_auc=float(np.nanmean([r["classification"]["mean_auc"]
+                                            for r in results.values()])),
+                 split=split, checkpoint_step=step, workdir=os.path.abspath(workdir))
+  if parallel.is_main_process():
+    _write_json(os.path.join(workdir, f"eval_{split}.json"), summary)
+  return dict(summary, members=results, checkpoint_step=step)
+
+
+def _evaluate_member(run, state, step: int, workdir: str, split: str, n_boot: int,
+                     member: str | None) -> dict[str, Any]:
+  """Evaluates one dataset of the run (the run's only one when `member` is None); writes its
+  reports, suffixed `_<member>` for a mixture member."""
+  ids = experiment.record_ids(experiment.split_source(run.config, split, member))
   evaluators = experiment.split_evaluators(run, split, n_boot=n_boot, patient_ids=ids.patient,
-                                           study_ids=ids.study, required=("classification",))
-  losses = experiment.evaluate_split(run, state, split, evaluators)
+                                           study_ids=ids.study, required=("classification",),
+                                           member=member)
+  losses = experiment.evaluate_split(run, state, split, evaluators, member)
   reports = {name: evaluator.result() for name, evaluator in evaluators.items()}
   report = dict(reports["classification"], loss=losses.pop("loss"), loss_terms=losses,
                 workdir=os.path.abspath(workdir), split=split, checkpoint_step=step,
-                data_dir=run.config.data.dir,
+                data_dir=experiment.data_description(run.config), member=member,
                 location_accuracy=reports.get("location_accuracy"))
   located = {name: reports[name] for name in evaluators_lib.LOCALIZATION if name in reports}
   result = dict(classification=report, localization=located,
                 location_accuracy=reports.get("location_accuracy"), losses=losses,
                 checkpoint_step=step, heatmaps=[])
   if parallel.is_main_process():
-    _write_json(os.path.join(workdir, f"eval_{split}.json"), report)
+    suffix = f"{split}_{member}" if member else split
+    _write_json(os.path.join(workdir, f"eval_{suffix}.json"), report)
     if located:
-      _write_json(os.path.join(workdir, f"localization_{split}.json"),
+      _write_json(os.path.join(workdir, f"localization_{suffix}.json"),
                   dict(located, split=split, checkpoint_step=step))
     predictions = evaluators["classification"].predictions()
-    write_predictions(os.path.join(workdir, f"predictions_{split}.csv"),
-                      [image_ids[i] for i in predictions["index"].astype(int)],
+    write_predictions(os.path.join(workdir, f"predictions_{suffix}.csv"),
+                      [ids.image[i] for i in predictions["index"].astype(int)],
                       predictions["scores"], run.task.class_names)
-  if heatmaps:
-    result["heatmaps"] = heatmaps_lib.write_overlays(
-        run, state, split, heatmaps, os.path.join(workdir, f"heatmaps_{split}"), image_ids)
   return result
 
 
@@ -89,16 +116,26 @@ def main(argv):
   result = evaluate(args.workdir, args.split, args.checkpoint, args.bootstrap, args.heatmaps)
   if not parallel.is_main_process():
     return
+  members = result.get("members") or {None: result}
+  for member, member_result in members.items():
+    print_result(member_result, args.split, member)
+  if "members" in result:
+    print(f"\nmean AUC over the {len(members)} datasets: {result['mean_auc']:.4f}")
+  logging.info("wrote %s", os.path.join(args.workdir, f"eval_{args.split}.json"))
+  heatmap_paths = next(iter(members.values()))["heatmaps"]
+  if heatmap_paths:
+    print(f"\nwrote {len(heatmap_paths)} heatmaps into {os.path.dirname(heatmap_paths[0])}")
+
+
+def print_result(result: dict[str, Any], split: str, member: str | None) -> None:
+  """Prints one dataset's classification and localization tables."""
   report = result["classification"]
-  print(f"{args.split} split, checkpoint step {result['checkpoint_step']}, "
-        f"{report['n_examples']} images, {report['n_patients']} patients")
+  print(f"{split} split{f' of {member}' if member else ''}, checkpoint step "
+        f"{result['checkpoint_step']}, {report['n_examples']} images, {report['n_patients']} patients")
   print(classification.format_table(report))
   for name, located in result["localization"].items():
     print(f"\n{name}:")
     print(localization.format_table(located))
-  logging.info("wrote %s", os.path.join(args.workdir, f"eval_{args.split}.json"))
-  if result["heatmaps"]:
-    print(f"\nwrote {len(result['heatmaps'])} heatmaps into {os.path.dirname(result['heatmaps'][0])}")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,49 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cxr_jax import checkpoint, config_utils, fileutil, methods, optim, parallel, steps
-from cxr_jax.data import labels as labels_lib, pipeline, records, tfrecord, writer as data_writer
+from cxr_jax.data import (labels as labels_lib, mixture, pipeline, records, tfrecord,
+                          writer as data_writer)
 from cxr_jax.metrics import evaluators as evaluators_lib
+
+
+def members(config: ml_collections.ConfigDict) -> list[mixture.Member]:
+  """The datasets of a `config.data.mixture` run; empty for a run on `config.data.dir` alone."""
+  return mixture.parse(config.data.mixture, config.data.mixture_weights) if config.data.mixture else []
+
+
+def member_names(config: ml_collections.ConfigDict) -> list[str | None]:
+  """What a run evaluates one at a time: each mixture member's name, or None for its one dataset."""
+  return [m.name for m in members(config)] or [None]
+
+
+def load_manifest(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The manifest of the run's data: `config.data.dir`'s, or its mixture's (`mixture.combine`)."""
+  if not config.data.mixture:
+    return data_writer.load_manifest(config.data.dir)
+  manifest = mixture.load(members(config))
+  needed = {config.data.train_split, config.data.val_split}
+  for member in manifest["members"]:
+    missing = sorted(needed - set(member["splits"]))
+    if missing:
+      raise ValueError(f"mixture member {member['name']!r} ({member['dir']}) has no split "
+                       f"{missing}; every member needs the run's training and validation splits")
+  return manifest
+
+
+def data_description(config: ml_collections.ConfigDict) -> str:
+  """The run's data in one string: the dataset folder, or each mixture member's folder and weight."""
+  if not config.data.mixture:
+    return os.path.abspath(config.data.dir)
+  return ",".join(f"{m.name}={os.path.abspath(m.dir)}" + ("" if m.weight is None else f"*{m.weight}")
+                  for m in members(config))
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Makes sure `config.data.dir` holds a prepared dataset (running the `data.prepare` hook on
-  process 0 when it is absent) and returns its manifest."""
+  process 0 when it is absent) and returns its manifest (a mixture's members are read as they
+  are)."""
+  if config.data.mixture:
+    return load_manifest(config)
   manifest_path = os.path.join(config.data.dir, data_writer.MANIFEST)
   if (config.data.prepare and parallel.is_main_process()
       and not os.path.exists(manifest_path)):
@@ -40,7 +76,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
     # Every process waits here, whatever it sees on disk: a barrier skipped by some processes
     # (the data already there for them, not yet or never for others) would hang the run.
     multihost_utils.sync_global_devices("cxr_jax data prepared")
-  return data_writer.load_manifest(config.data.dir)
+  return load_manifest(config)
 
 
 def make_task(config: ml_collections.ConfigDict, manifest: Mapping[str, Any]) -> methods.Task:
@@ -53,7 +89,7 @@ def make_task(config: ml_collections.ConfigDict, manifest: Mapping[str, Any]) ->
   target = config.data.target
   names = list(manifest["label_names"] if target == "labels" else manifest.get("fine_label_names") or [])
   if not names:
-    raise ValueError(f"config.data.target={target!r} but {config.data.dir} has no "
+    raise ValueError(f"config.data.target={target!r} but {data_description(config)} has no "
                      f"{target.replace('_', ' ')} (prepare it with location-aware labels)")
   split = manifest["splits"].get(config.data.train_split, {})
   counts = split.get("label_counts" if target == "labels" else "fine_label_counts")
@@ -74,8 +110,15 @@ def make_task(config: ml_collections.ConfigDict, manifest: Mapping[str, Any]) ->
                       anatomy_names=tuple(manifest.get("anatomy_names") or ()))
 
 
-def split_source(config: ml_collections.ConfigDict, split: str) -> records.RecordSource:
-  """The records of one split of the configured dataset."""
+def split_source(config: ml_collections.ConfigDict, split: str, member: str | None = None
+                 ) -> records.RecordSource | mixture.MixtureSource:
+  """The records of one split of the configured dataset (of a mixture: of every member, or of the
+  member named `member`)."""
+  if config.data.mixture:
+    return mixture.split_source(members(config), split, verify_crc=config.data.verify_crc,
+                                member=member)
+  if member is not None:
+    raise ValueError(f"member {member!r} asked of a run on one dataset ({config.data.dir})")
   return records.split_source(config.data.dir, split, verify_crc=config.data.verify_crc)
 
 
@@ -87,18 +130,23 @@ def _spec(config, manifest, method: methods.Method, *, train: bool) -> pipeline.
 
 def train_dataset(config, manifest, method: methods.Method) -> grain.MapDataset:
   """This process's endless stream of training batches, with the method's inputs."""
-  return pipeline.train_dataset(split_source(config, config.data.train_split),
-                                _spec(config, manifest, method, train=True),
+  source = split_source(config, config.data.train_split)
+  empty = [m.name for m, n in zip(members(config), getattr(source, "sizes", ())) if not n]
+  if empty:
+    raise ValueError(f"mixture members {empty} have no {config.data.train_split!r} records")
+  return pipeline.train_dataset(source, _spec(config, manifest, method, train=True),
                                 global_batch=config.train.global_batch, seed=config.seed,
                                 process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                process_count=jax.process_count(),
+                                weights=[m.weight for m in members(config)] or None)
 
 
 def eval_dataset(config, manifest, method: methods.Method, split: str, *,
-                 global_batch: int | None = None) -> grain.MapDataset:
+                 global_batch: int | None = None, member: str | None = None) -> grain.MapDataset:
   """This process's padded evaluation batches of `split` (of `global_batch` or
-  `config.eval.global_batch` across processes), with the method's inputs."""
-  return pipeline.eval_dataset(split_source(config, split),
+  `config.eval.global_batch` across processes; of one mixture member when named), with the
+  method's inputs."""
+  return pipeline.eval_dataset(split_source(config, split, member),
                                _spec(config, manifest, method, train=False),
                                global_batch=global_batch or config.eval.global_batch,
                                process_index=jax.process_index(), process_count=jax.process_count())
@@ -225,7 +273,7 @@ def abstract_state(run: Run, example: dict[str, np.ndarray]) -> steps.TrainState
 def restore_for_inference(workdir: str, which: str = "best") -> tuple[Run, steps.TrainState, int]:
   """Loads a trained run from its workdir: (run, state, step). Never a silently untrained model."""
   config = config_utils.load(workdir)
-  manifest = data_writer.load_manifest(config.data.dir)
+  manifest = load_manifest(config)
   run = assemble(config, manifest)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
                                  best_metric=config.checkpoint.best_metric,
@@ -252,37 +300,76 @@ def record_ids(source: records.RecordSource) -> RecordIds:
                    [p.study_id for p in parsed])
 
 
+def member_scalars(per_member: Mapping[str | None, Mapping[str, float]]) -> dict[str, float]:
+  """One dataset's scalars as they are; a mixture's as `<member>/<name>`, and each name the
+  members share also as the mean over the members where it is finite."""
+  if list(per_member) == [None]:
+    return dict(per_member[None])
+  out = {f"{member}/{name}": value for member, values in per_member.items()
+         for name, value in values.items()}
+  shared = set.intersection(*(set(values) for values in per_member.values()))
+  for name in sorted(shared):
+    finite = [v[name] for v in per_member.values() if np.isfinite(v[name])]
+    out[name] = float(np.mean(finite)) if finite else float("nan")
+  return out
+
+
 class NonFiniteScores(FloatingPointError):
   """The model produced NaN or Inf scores while evaluating."""
+
+
+def member_eval_config(run: Run, member: str | None) -> dict[str, Any]:
+  """`config.eval` for one mixture member: its classes are those of `eval.classes` (all when
+  empty) that the member labels, so a member is never scored on labels it does not have."""
+  eval_config = run.config.eval.to_dict()
+  if member is None or run.task.target != "labels":
+    return eval_config
+  own = next(m["label_names"] for m in run.manifest["members"] if m["name"] == member)
+  chosen = evaluators_lib.class_indices(eval_config, "classes", run.task.class_names)
+  names = [run.task.class_names[i] for i in chosen] if chosen else run.task.class_names
+  eval_config["classes"] = ",".join(n for n in names if n in own)
+  if not eval_config["classes"]:
+    raise ValueError(f"mixture member {member!r} labels none of the evaluated classes {names}")
+  return eval_config
+
+
+def _num_boxes(run: Run, split: str, member: str | None) -> int | None:
+  if member is None:
+    return run.manifest["splits"].get(split, {}).get("num_boxes")
+  return next(m["num_boxes"].get(split) for m in run.manifest["members"] if m["name"] == member)
 
 
 def split_evaluators(run: Run, split: str, *, n_boot: int = 0,
                      patient_ids: Sequence[str] | None = None,
                      study_ids: Sequence[str] | None = None,
-                     required: Sequence[str] = ()) -> dict[str, Any]:
-  """The configured evaluators (plus `required` ones) that can run on `split` for this method;
-  with `config.eval.study_level`, the split's study ids are read when not given."""
+                     required: Sequence[str] = (), member: str | None = None) -> dict[str, Any]:
+  """The configured evaluators (plus `required` ones) that can run on `split` (of one mixture
+  member when named) for this method; with `config.eval.study_level`, the split's study ids are
+  read when not given."""
   if run.config.eval.study_level and study_ids is None:
-    study_ids = record_ids(split_source(run.config, split)).study
-  boxes = run.manifest["splits"].get(split, {}).get("num_boxes")
+    study_ids = record_ids(split_source(run.config, split, member)).study
+  boxes = _num_boxes(run, split, member)
   names = evaluators_lib.parse(run.config.eval.evaluators)
   names += tuple(name for name in required if name not in names)
   return evaluators_lib.build(
-      names, run.task, run.config.eval,
+      names, run.task, member_eval_config(run, member),
       image_size=run.config.data.image_size, has_cams="cams" in run.output_shapes(),
       has_boxes=boxes is None or boxes > 0, patient_ids=patient_ids, study_ids=study_ids,
       n_boot=n_boot, seed=run.config.seed)
 
 
-def evaluate_split(run: Run, state, split: str, evaluators: Mapping[str, Any]) -> dict[str, float]:
-  """Streams every example of `split` exactly once through the evaluators (batch by batch; no
-  split-sized array of maps is ever held) and returns the split's weighted mean loss terms.
+def evaluate_split(run: Run, state, split: str, evaluators: Mapping[str, Any],
+                   member: str | None = None) -> dict[str, float]:
+  """Streams every example of `split` (of one mixture member when named) exactly once through the
+  evaluators (batch by batch; no split-sized array of maps is ever held) and returns the split's
+  weighted mean loss terms.
 
   Raises:
     NonFiniteScores: the model's scores hold NaN or Inf.
   """
   eval_step = run.eval_step(with_cams=evaluators_lib.needs_cams(evaluators))
-  batches = pipeline.to_iterator(eval_dataset(run.config, run.manifest, run.method, split),
+  batches = pipeline.to_iterator(eval_dataset(run.config, run.manifest, run.method, split,
+                                              member=member),
                                  worker_count=run.config.data.worker_count,
                                  prefetch=run.config.data.prefetch)
   totals: dict[str, float] = {}

@@ -157,18 +157,22 @@ def fetch(metrics) -> dict[str, float]:
 
 def validate(run: experiment.Run, state, step: int, log, ckpt) -> dict[str, float]:
   """Evaluates the validation split with the configured evaluators; logs and returns the scalars
-  (`loss`, each loss term, `mean_auc`, `auc/<class>`, `loc/...`), which rank checkpoints as
-  `val/<name>`."""
+  (`loss`, each loss term, `mean_auc`, `auc/<class>`, `loc/...`; a mixture's per member as
+  `<member>/<name>` besides their means), which rank checkpoints as `val/<name>`."""
   split = run.config.data.val_split
-  evaluators = experiment.split_evaluators(run, split)
-  try:
-    scalars = experiment.evaluate_split(run, state, split, evaluators)
-  except experiment.NonFiniteScores as e:
-    stop_not_finite(str(e), step, ckpt)
-  for evaluator in evaluators.values():
-    scalars.update(evaluator.scalars(evaluator.result()))
+  per_member = {}
+  for member in experiment.member_names(run.config):
+    evaluators = experiment.split_evaluators(run, split, member=member)
+    try:
+      per_member[member] = experiment.evaluate_split(run, state, split, evaluators, member)
+    except experiment.NonFiniteScores as e:
+      stop_not_finite(str(e), step, ckpt)
+    for evaluator in evaluators.values():
+      per_member[member].update(evaluator.scalars(evaluator.result()))
+  scalars = experiment.member_scalars(per_member)
   log.write(step, "val", scalars)
-  shown = ", ".join(f"{k} {v:.4f}" for k, v in scalars.items() if "/" not in k or k.startswith("loc/"))
+  shown = ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()
+                    if "/" not in k or k.startswith("loc/") or k.endswith("/mean_auc"))
   logging.info("step %d: val %s", step, shown)
   return scalars
 
@@ -195,7 +199,7 @@ def stream_position(step: int, config, manifest: dict[str, Any]) -> dict[str, An
   and what the stream depends on, so a resume can refuse a changed one."""
   split = config.data.train_split
   return dict(next_batch=step, seed=config.seed, global_batch=config.train.global_batch,
-              train_split=split, data_dir=os.path.abspath(config.data.dir),
+              train_split=split, data_dir=experiment.data_description(config),
               data_fingerprint=data_fingerprint(manifest, split),
               train_records=manifest["splits"][split]["num_records"],
               image_size=config.data.image_size)

@@ -41,18 +41,20 @@ def example(i: int, size: int, num_labels: int = 14, with_extras: bool = True,
 
 
 def write(out_dir, splits: dict[str, int], size: int = 32, with_extras: bool = True,
-          max_shard_bytes: int = 20_000, box_supervised: frozenset[int] = frozenset()) -> str:
-  """Writes a dataset with `splits` = {name: number of records}; record ids are global, and those
-  in `box_supervised` are marked for box supervision."""
-  start = 0
+          max_shard_bytes: int = 20_000, box_supervised: frozenset[int] = frozenset(),
+          label_names=labels.NIH_LABELS, first_id: int = 0) -> str:
+  """Writes a dataset with `splits` = {name: number of records}; record ids are global (from
+  `first_id`), and those in `box_supervised` are marked for box supervision."""
+  start = first_id
   with writer.DatasetWriter(
-      out_dir, "toy", label_names=labels.NIH_LABELS, image_size=size, converter="tests",
+      out_dir, "toy", label_names=label_names, image_size=size, converter="tests",
       converter_version="0", source="synthetic",
       fine_label_names=labels.fine_vocabulary() if with_extras else (),
       anatomy_names=ANATOMY_NAMES if with_extras else (), max_shard_bytes=max_shard_bytes) as w:
     for split, count in splits.items():
       for i in range(start, start + count):
-        w.add(split, example(i, size, with_extras=with_extras, box_supervised=i in box_supervised))
+        w.add(split, example(i, size, len(label_names), with_extras=with_extras,
+                             box_supervised=i in box_supervised))
       start += count
   return str(out_dir)
 

@@ -50,6 +50,18 @@ def test_cli_times_jax_and_torch(tmp_path):
       jax_part["images_per_s"] / jax_part["devices"] / torch_part["images_per_s"], rel=1e-2)
 
 
+def test_compile_only_estimates_without_running_a_step():
+  config = benchmark.apply_overrides(densenet121.get_config("smoke"), batch=8, image_size=32,
+                                     dtype=None, remat=None)
+  record = benchmark.benchmark(config, steps_timed=3, warmup=1, with_torch=False, compile_only=True)
+  part = record["jax"]
+  assert record["compile_only"] and part["xla_memory_bytes"] > 0 and part["flops_per_step"] > 0
+  assert part["step_s_median"] is None and part["images_per_s"] is None
+  assert record["jax_over_torch"] is None and record["torch"] is None
+  with pytest.raises(ValueError, match="leave out --torch"):
+    benchmark.benchmark(config, steps_timed=3, warmup=1, with_torch=True, compile_only=True)
+
+
 @pytest.mark.parametrize("kind, dtype, expected", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4),
     ("NVIDIA H100 PCIe", "bfloat16", 756.5),

@@ -12,6 +12,9 @@ workers. The dataset is endless and indexed by g: a run resumed at batch g reads
 checkpoint stores g alone. Decoding runs in worker processes (`worker_count`), whole batches at a
 time.
 
+A mixture of datasets (`cxr_jax.data.mixture`) draws each epoch's records from its members by
+their weights (`mixture.epoch_order`, stream 2 below); a single dataset's order is as above.
+
 Evaluation: no shuffle; each process reads `[process_index::process_count]`, padded to the same
 whole number of batches with copies flagged `valid = 0`, so every example counts exactly once.
 
@@ -28,7 +31,7 @@ import grain
 from absl import flags
 import numpy as np
 
-from cxr_jax.data import augment, labels as labels_lib, records, tfrecord
+from cxr_jax.data import augment, labels as labels_lib, mixture, records, tfrecord
 
 
 # Batch fields a method may ask for besides the image (`cxr_jax.methods.Method.inputs`).
@@ -47,6 +50,8 @@ class ExampleSpec:
   num_fine: int = 0
   fine_mirror: tuple[int, ...] = ()
   anatomy_mirror: tuple[int, ...] = ()  # id -> mirrored id; empty when anatomy is not loaded
+  # A mixture's members: where each member's labels sit among the mixture's; empty: one dataset.
+  label_positions: tuple[tuple[int, ...], ...] = ()
   augment: augment.AugmentParams | None = None  # None: evaluation (resize only)
 
 
@@ -81,18 +86,27 @@ def make_spec(data_config: Mapping[str, Any], manifest: Mapping[str, Any], *, tr
       fine_mirror=tuple(int(i) for i in labels_lib.mirror_permutation(fine)) if fine else (),
       anatomy_mirror=(tuple(int(i) for i in labels_lib.mirror_permutation(anatomy))
                       if "anatomy" in inputs else ()),
+      label_positions=tuple(tuple(mixture.positions(label_names, m["label_names"]))
+                            for m in manifest.get("members", ())),
       augment=params,
   )
 
 
-def make_example(payload: bytes, spec: ExampleSpec, rng: np.random.Generator | None = None) -> dict[str, Any]:
-  """Parses one record and returns its model-ready example (augmented when `rng` is given)."""
+def make_example(payload: bytes, spec: ExampleSpec, rng: np.random.Generator | None = None,
+                 member: int = 0) -> dict[str, Any]:
+  """Parses one record and returns its model-ready example (augmented when `rng` is given);
+  `member`: the mixture member the record comes from (its labels are moved to the mixture's)."""
   ex = tfrecord.parse(payload)
   what = f"image of record {ex.image_id!r}"
   image = augment.decode_png(ex.image, what=what)
   anatomy = (augment.decode_png(ex.anatomy, what=f"anatomy of {ex.image_id!r}")
              if spec.anatomy_mirror else None)
-  boxes, box_labels = ex.boxes, ex.box_labels
+  raw_labels, boxes, box_labels = ex.labels, ex.boxes, ex.box_labels
+  if spec.label_positions:
+    where = np.asarray(spec.label_positions[member], np.int64)
+    raw_labels = np.full(len(spec.policy_codes), np.nan, np.float32)
+    raw_labels[where] = ex.labels
+    box_labels = where[box_labels]
   fine = ex.fine_labels
   if spec.augment is not None and rng is not None:
     a, t, flipped = augment.sample_transform(rng, spec.augment)
@@ -109,7 +123,7 @@ def make_example(payload: bytes, spec: ExampleSpec, rng: np.random.Generator | N
     image = augment.resize(image, spec.image_size)
     if anatomy is not None:
       anatomy = augment.resize(anatomy, spec.image_size, nearest=True)
-  targets, mask = labels_lib.apply_policy(ex.labels, np.asarray(spec.policy_codes),
+  targets, mask = labels_lib.apply_policy(raw_labels, np.asarray(spec.policy_codes),
                                           dict(spec.lsr), rng)
   out = dict(image=image[..., None], labels=targets, label_mask=mask,
              **_pad_boxes(boxes, box_labels, spec.max_boxes, ex.image_id),
@@ -142,7 +156,8 @@ class _PaddedEval(grain.transforms.Map):
     self.source, self.spec = source, spec
 
   def map(self, element: int) -> dict[str, Any]:
-    example = make_example(self.source[max(element, 0)], self.spec)
+    example = make_example(self.source[max(element, 0)], self.spec,
+                           member=_member_of(self.source, max(element, 0)))
     example["valid"] = np.float32(element >= 0)
     example["index"] = np.int32(element)
     return example
@@ -154,9 +169,14 @@ def _check_batch(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+def _member_of(source, index: int) -> int:
+  return source.member_of(index) if isinstance(source, mixture.MixtureSource) else 0
+
+
 # The numpy streams of one seed, as SeedSequence entropy [seed, stream, n]: the order of epoch n,
-# and the augmentation of the example at global position n. Distinct streams, so never correlated.
-_ORDER, _AUGMENTATION = 0, 1
+# the augmentation of the example at global position n, and (mixtures) each member's record
+# stream. Distinct streams, so never correlated.
+_ORDER, _AUGMENTATION, _MEMBER_ORDER = 0, 1, 2
 _ENDLESS = np.iinfo(np.int64).max  # global batch indices: more than any run reads
 
 
@@ -167,38 +187,54 @@ class _ProcessShare(grain.transforms.Map):
   grain's shuffle, slice, batch and repeat, whose epoch behaviour has changed between versions.
   """
 
-  def __init__(self, source: records.RecordSource, spec: ExampleSpec, *, seed: int, global_batch: int,
-               process_index: int, process_count: int):
+  def __init__(self, source: records.RecordSource | mixture.MixtureSource, spec: ExampleSpec, *,
+               seed: int, global_batch: int, process_index: int, process_count: int,
+               member_counts: Sequence[int] | None = None):
     self.source, self.spec, self.seed, self.global_batch = source, spec, seed, global_batch
+    self.member_counts = member_counts
     self.batches_per_epoch = len(source) // global_batch
     self.slots = range(process_index, global_batch, process_count)
 
+  def order(self, epoch: int) -> np.ndarray:
+    """The records of `epoch`, in the order the epoch reads them."""
+    if self.member_counts is None:
+      return np.random.default_rng([self.seed, _ORDER, epoch]).permutation(len(self.source))
+    return mixture.epoch_order(self.source.sizes, self.member_counts, self.seed, epoch,
+                               _ORDER, _MEMBER_ORDER)
+
   def map(self, element: int) -> dict[str, np.ndarray]:
     epoch, batch_in_epoch = divmod(element, self.batches_per_epoch)
-    order = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(len(self.source))
+    order = self.order(epoch)
     examples = []
     for slot in self.slots:
       record = int(order[batch_in_epoch * self.global_batch + slot])
       rng = np.random.default_rng([self.seed, _AUGMENTATION, element * self.global_batch + slot])
-      examples.append(make_example(self.source[record], self.spec, rng))
+      examples.append(make_example(self.source[record], self.spec, rng,
+                                   member=_member_of(self.source, record)))
     return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
 
-def train_dataset(source: records.RecordSource, spec: ExampleSpec, *, global_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def train_dataset(source: records.RecordSource | mixture.MixtureSource, spec: ExampleSpec, *,
+                  global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
+                  weights: Sequence[float | None] | None = None) -> grain.MapDataset:
   """An endless dataset of this process's training batches, indexed by global batch index: `ds[g:]`
-  starts at batch g (see module docstring)."""
+  starts at batch g (see module docstring). A mixture's members are drawn by `weights` (None
+  each, or no weights: by their sizes)."""
   _check_batch(global_batch, process_count)
   if len(source) < global_batch:
     raise ValueError(f"{len(source)} training records are fewer than one global batch ({global_batch})")
   if seed < 0:
     raise ValueError(f"seed {seed} is negative; the training order is seeded by numpy, which needs >= 0")
+  counts = None
+  if isinstance(source, mixture.MixtureSource):
+    counts = mixture.quotas(source.sizes, weights or [None] * len(source.sizes)).tolist()
   share = _ProcessShare(source, spec, seed=seed, global_batch=global_batch,
-                        process_index=process_index, process_count=process_count)
+                        process_index=process_index, process_count=process_count,
+                        member_counts=counts)
   return grain.MapDataset.range(_ENDLESS).map(share)
 
 
-def eval_dataset(source: records.RecordSource, spec: ExampleSpec, *, global_batch: int,
+def eval_dataset(source: records.RecordSource | mixture.MixtureSource, spec: ExampleSpec, *, global_batch: int,
                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """This process's padded evaluation batches; every process yields the same number."""
   local_batch = _check_batch(global_batch, process_count)
