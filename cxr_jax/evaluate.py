@@ -29,7 +29,8 @@ import numpy as np
 from absl import flags, logging
 
 from cxr_jax import cli, experiment, heatmaps as heatmaps_lib, parallel
-from cxr_jax.metrics import classification, evaluators as evaluators_lib, localization
+from cxr_jax.metrics import (classification, evaluators as evaluators_lib, localization,
+                             segmentation)
 
 
 def evaluate(workdir: str, split: str = "test", which: str = "best", n_boot: int | None = None,
@@ -37,10 +38,11 @@ def evaluate(workdir: str, split: str = "test", which: str = "best", n_boot: int
   """Evaluates the chosen checkpoint of a run on `split`; writes and returns the reports.
 
   Returns:
-    {"classification": report, "localization": {protocol: report} (maybe empty),
-     "location_accuracy": report or None, "losses": {name: mean}, "checkpoint_step": step,
-     "heatmaps": [paths]}; for a mixture {"members": {member: that dict}, "mean_auc": their
-    mean, "split", "checkpoint_step", "workdir"}.
+    {"classification": report (a segmenter's: "segmentation"), "primary": which of the two,
+     "localization": {protocol: report} (maybe empty), "location_accuracy": report or None,
+     "losses": {name: mean}, "checkpoint_step": step, "heatmaps": [paths]}; for a mixture
+    {"members": {member: that dict}, "mean_auc" (or "mean_dice"): their mean, "primary",
+    "split", "checkpoint_step", "workdir"}.
   """
   run, state, step = experiment.restore_for_inference(workdir, which)
   n_boot = run.config.eval.bootstrap if n_boot is None else n_boot
@@ -54,15 +56,16 @@ def evaluate(workdir: str, split: str = "test", which: str = "best", n_boot: int
       result["heatmaps"] = paths
   if list(results) == [None]:
     return results[None]
-  summary = dict(members={name: dict(mean_auc=r["classification"]["mean_auc"],
-                                     n_examples=r["classification"]["n_examples"])
-                          for name, r in results.items()},
-                 mean_auc=float(np.nanmean([r["classification"]["mean_auc"]
-                                            for r in results.values()])),
-                 split=split, checkpoint_step=step, workdir=os.path.abspath(workdir))
+  primary = evaluators_lib.primary(run.task)
+  headline = evaluators_lib.HEADLINE[primary]
+  summary = {"members": {name: {headline: r[primary][headline],
+                                "n_examples": r[primary]["n_examples"]}
+                         for name, r in results.items()},
+             headline: float(np.nanmean([r[primary][headline] for r in results.values()])),
+             "split": split, "checkpoint_step": step, "workdir": os.path.abspath(workdir)}
   if parallel.is_main_process():
     _write_json(os.path.join(workdir, f"eval_{split}.json"), summary)
-  return dict(summary, members=results, checkpoint_step=step)
+  return dict(summary, members=results, primary=primary)
 
 
 def _evaluate_member(run, state, step: int, workdir: str, split: str, n_boot: int,
@@ -70,29 +73,31 @@ def _evaluate_member(run, state, step: int, workdir: str, split: str, n_boot: in
   """Evaluates one dataset of the run (the run's only one when `member` is None); writes its
   reports, suffixed `_<member>` for a mixture member."""
   ids = experiment.record_ids(experiment.split_source(run.config, split, member))
+  primary = evaluators_lib.primary(run.task)
   evaluators = experiment.split_evaluators(run, split, n_boot=n_boot, patient_ids=ids.patient,
-                                           study_ids=ids.study, required=("classification",),
+                                           study_ids=ids.study, required=(primary,),
                                            member=member)
   losses = experiment.evaluate_split(run, state, split, evaluators, member)
   reports = {name: evaluator.result() for name, evaluator in evaluators.items()}
-  report = dict(reports["classification"], loss=losses.pop("loss"), loss_terms=losses,
+  report = dict(reports[primary], loss=losses.pop("loss"), loss_terms=losses,
                 workdir=os.path.abspath(workdir), split=split, checkpoint_step=step,
                 data_dir=experiment.data_description(run.config), member=member,
                 location_accuracy=reports.get("location_accuracy"))
   located = {name: reports[name] for name in evaluators_lib.LOCALIZATION if name in reports}
-  result = dict(classification=report, localization=located,
-                location_accuracy=reports.get("location_accuracy"), losses=losses,
-                checkpoint_step=step, heatmaps=[])
+  result = {primary: report, "primary": primary, "localization": located,
+            "location_accuracy": reports.get("location_accuracy"), "losses": losses,
+            "checkpoint_step": step, "heatmaps": []}
   if parallel.is_main_process():
     suffix = f"{split}_{member}" if member else split
     _write_json(os.path.join(workdir, f"eval_{suffix}.json"), report)
     if located:
       _write_json(os.path.join(workdir, f"localization_{suffix}.json"),
                   dict(located, split=split, checkpoint_step=step))
-    predictions = evaluators["classification"].predictions()
-    write_predictions(os.path.join(workdir, f"predictions_{suffix}.csv"),
-                      [ids.image[i] for i in predictions["index"].astype(int)],
-                      predictions["scores"], run.task.class_names)
+    if primary == "classification":
+      predictions = evaluators["classification"].predictions()
+      write_predictions(os.path.join(workdir, f"predictions_{suffix}.csv"),
+                        [ids.image[i] for i in predictions["index"].astype(int)],
+                        predictions["scores"], run.task.class_names)
   return result
 
 
@@ -120,7 +125,8 @@ def main(argv):
   for member, member_result in members.items():
     print_result(member_result, args.split, member)
   if "members" in result:
-    print(f"\nmean AUC over the {len(members)} datasets: {result['mean_auc']:.4f}")
+    headline = evaluators_lib.HEADLINE[result["primary"]]
+    print(f"\n{headline} over the {len(members)} datasets: {result[headline]:.4f}")
   logging.info("wrote %s", os.path.join(args.workdir, f"eval_{args.split}.json"))
   heatmap_paths = next(iter(members.values()))["heatmaps"]
   if heatmap_paths:
@@ -129,10 +135,13 @@ def main(argv):
 
 def print_result(result: dict[str, Any], split: str, member: str | None) -> None:
   """Prints one dataset's classification and localization tables."""
-  report = result["classification"]
+  report = result[result["primary"]]
+  patients = f", {report['n_patients']} patients" if "n_patients" in report else ""
   print(f"{split} split{f' of {member}' if member else ''}, checkpoint step "
-        f"{result['checkpoint_step']}, {report['n_examples']} images, {report['n_patients']} patients")
-  print(classification.format_table(report))
+        f"{result['checkpoint_step']}, {report['n_examples']} images{patients}")
+  table = (segmentation.format_table if result["primary"] == "segmentation"
+           else classification.format_table)
+  print(table(report))
   for name, located in result["localization"].items():
     print(f"\n{name}:")
     print(localization.format_table(located))

@@ -87,12 +87,16 @@ def make_task(config: ml_collections.ConfigDict, manifest: Mapping[str, Any]) ->
   (and `zeros_lsr`), not at all under `ignore`. Fine labels have no policy (their -1 is ignored).
   """
   target = config.data.target
-  names = list(manifest["label_names"] if target == "labels" else manifest.get("fine_label_names") or [])
+  vocabulary = {"labels": "label_names", "fine_labels": "fine_label_names",
+                "anatomy": "anatomy_names"}[target]
+  names = list(manifest.get(vocabulary) or [])
   if not names:
+    how = ("anatomy maps: the phantom's, a data_prep.jsrt conversion or cxr_jax.pseudolabel"
+           if target == "anatomy" else "location-aware labels")
     raise ValueError(f"config.data.target={target!r} but {data_description(config)} has no "
-                     f"{target.replace('_', ' ')} (prepare it with location-aware labels)")
+                     f"{target.replace('_', ' ')} (prepare it with {how})")
   split = manifest["splits"].get(config.data.train_split, {})
-  counts = split.get("label_counts" if target == "labels" else "fine_label_counts")
+  counts = split.get({"labels": "label_counts", "fine_labels": "fine_label_counts"}.get(target, ""))
   positives = negatives = None
   if counts is not None:
     codes = np.zeros(len(names), np.int64)
@@ -209,6 +213,9 @@ def assemble(config: ml_collections.ConfigDict, manifest: dict[str, Any]) -> Run
   parallel.check_global_batch(config.train.global_batch, mesh)
   parallel.check_global_batch(config.eval.global_batch, mesh, "eval global batch")
   method = methods.get(config.model.name)
+  if config.data.target not in method.targets:
+    raise ValueError(f"method {config.model.name!r} learns {list(method.targets)}, not "
+                     f"config.data.target={config.data.target!r}")
   task = make_task(config, manifest)
   # Checked here, at start, rather than as a KeyError while tracing.
   pipeline.make_spec(config.data.to_dict(), manifest, train=False, inputs=method.inputs)

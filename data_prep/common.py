@@ -16,7 +16,6 @@ import csv
 import dataclasses
 import gzip
 import hashlib
-import io
 import multiprocessing
 import os
 import time
@@ -26,6 +25,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from cxr_jax.data.augment import encode_png
 
 # Tasks per message to a worker: large enough to amortise the pickling, small enough to keep the
 # ordered results flowing.
@@ -186,13 +187,6 @@ def to_gray8(image: Image.Image) -> Image.Image:
 def resize_area(image: Image.Image, size: int) -> Image.Image:
   """Resizes to size x size with area averaging (PIL's BOX filter)."""
   return image.resize((size, size), Image.Resampling.BOX)
-
-
-def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
-  """PNG bytes of an image; `compress_level` 0..9 trades size for time (6 is zlib's default)."""
-  buffer = io.BytesIO()
-  image.save(buffer, format="PNG", compress_level=compress_level)
-  return buffer.getvalue()
 
 
 @dataclasses.dataclass(frozen=True)

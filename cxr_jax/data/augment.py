@@ -30,6 +30,13 @@ class AugmentParams:
   hflip: bool = False              # flips also swap patient left/right in labels and anatomy
 
 
+def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
+  """PNG bytes of an image; `compress_level` 0..9 trades size for time (6 is zlib's default)."""
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG", compress_level=compress_level)
+  return buffer.getvalue()
+
+
 def decode_png(data: bytes, *, what: str = "image") -> np.ndarray:
   """Decodes PNG bytes into a 2-D uint8 array; a corrupt image raises naming `what`."""
   try:

@@ -37,6 +37,11 @@ CHEXPERT_COMPETITION_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "
 ALIASES = {"Infiltrate": "Infiltration", "Pleural Effusion": "Effusion",
            "Pleural Thickening": "Pleural_Thickening"}
 
+# One vocabulary for every dataset's anatomy label maps: each dataset's `anatomy_names` are a
+# subset of it, "background" first (the phantom's 7 regions; the SCR organs of JSRT).
+ANATOMY_VOCABULARY = ("background", "body", "right_lung", "left_lung", "heart", "mediastinum",
+                      "abdomen", "right_clavicle", "left_clavicle")
+
 SIDES = ("right", "left")  # the patient's side (shown on the viewer's left and right in a PA film)
 ZONES = ("upper", "middle", "lower")
 POLICIES = ("ignore", "zeros", "ones", "zeros_lsr", "ones_lsr")

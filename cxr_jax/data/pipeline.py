@@ -66,6 +66,8 @@ def make_spec(data_config: Mapping[str, Any], manifest: Mapping[str, Any], *, tr
   unknown = sorted(set(inputs) - set(INPUTS))
   if unknown:
     raise ValueError(f"method inputs {unknown} are not fields the pipeline makes; it makes {INPUTS}")
+  if data_config.get("target") == "anatomy":  # a segmenter learns the maps: load them
+    inputs = (*inputs, "anatomy")
   label_names = manifest["label_names"]
   policies = labels_lib.resolve_policies(
       label_names, "ignore" if mask_uncertain else data_config["uncertainty"],

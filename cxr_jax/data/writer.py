@@ -133,6 +133,12 @@ class DatasetWriter:
       for shard in shards:
         shard.file.close()
 
+  def record_fact(self, key: str, value: Any) -> None:
+    """Adds a fact known only once the records are written (e.g. counts) to the manifest."""
+    if key in self.meta or key in ("splits", "skipped", "created"):
+      raise ValueError(f"manifest field {key!r} is taken")
+    self.meta[key] = value
+
   def add(self, split: str, ex: tfrecord.CxrExample) -> None:
     """Appends one example to a split, after checking it against the dataset's label spaces."""
     self._check(ex)

@@ -18,6 +18,9 @@ only through these fields:
   backbones   ((top-level parameter subtree, dotted path of its backbone config), ...): the
               backbones that take torchvision weights from `config.init_from`; a function of
               the config returning them when the config decides how many there are
+  targets     the task targets (`config.data.target`) the method learns: classifiers learn
+              "labels" or "fine_labels" with (B, K) logits; a segmenter learns "anatomy", its
+              `logits` per pixel (B, H, W, K) over the dataset's anatomy names
 
 A method outside this package registers itself with `register(name, METHOD)`.
 The task (`Task`) is built once from the dataset manifest and the config: what is learned, the
@@ -39,8 +42,10 @@ SCORES: dict[str, Callable[[jax.Array], jax.Array]] = {
     "sigmoid": jax.nn.sigmoid,
     "softmax": lambda logits: jax.nn.softmax(logits, axis=-1),
 }
-# Target fields a task may learn, each with the batch key of its mask.
-TARGETS = {"labels": "label_mask", "fine_labels": "fine_label_mask"}
+# Target fields a task may learn, each with the batch key of its mask (anatomy maps have none:
+# every pixel counts).
+TARGETS = {"labels": "label_mask", "fine_labels": "fine_label_mask", "anatomy": None}
+CLASSIFICATION_TARGETS = ("labels", "fine_labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +53,8 @@ class Task:
   """What a run learns, built once from the dataset manifest and the config.
 
   Attributes:
-    target: the batch field learned: "labels" (findings) or "fine_labels" (`Finding|side|zone`).
+    target: the batch field learned: "labels" (findings), "fine_labels" (`Finding|side|zone`) or
+      "anatomy" (a segmenter's per-pixel region ids).
     class_names: names of the K outputs, in order.
     positives, negatives: per-class counts on the training split after the uncertainty policy
       (what the loss sees), or None when the dataset's manifest predates the counts.
@@ -72,8 +78,8 @@ class Task:
     return len(self.class_names)
 
   @property
-  def mask_key(self) -> str:
-    """The batch key of the target's mask (1 where a label counts)."""
+  def mask_key(self) -> str | None:
+    """The batch key of the target's mask (1 where a label counts); None for anatomy maps."""
     return TARGETS[self.target]
 
   def targets(self, batch: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -99,10 +105,14 @@ class Method:
   backbones: (tuple[tuple[str, str], ...]
               | Callable[[Mapping[str, Any]], tuple[tuple[str, str], ...]]) = (
                   ("backbone", "model.backbone"),)
+  targets: tuple[str, ...] = CLASSIFICATION_TARGETS
 
   def __post_init__(self):
     if self.scores not in SCORES:
       raise ValueError(f"scores={self.scores!r}: choose from {list(SCORES)}")
+    unknown = sorted(set(self.targets) - set(TARGETS))
+    if unknown:
+      raise ValueError(f"targets {unknown}: choose from {list(TARGETS)}")
 
   def backbones_of(self, config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     """The (parameter subtree, backbone config path) pairs of the model `config` describes."""

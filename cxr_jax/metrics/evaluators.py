@@ -11,7 +11,9 @@ report and `scalars()` its flat numbers for logs and best-checkpoint ranking.
   ham_localization   HAM's protocol: thresholded normalised CAM vs box masks, T(IoU), T(IoR)
   wang_localization  Wang et al.'s: CAM boxes at levels 60/180 of 255, T(IoU), T(IoBB), AFP
   location_accuracy  location-aware tasks: side and zone accuracy among positives per finding
-Localization evaluators run where the method returns `cams` and the split has boxes.
+  segmentation       anatomy tasks (a segmenter): Dice and IoU per region of the argmax maps
+Localization evaluators run where the method returns `cams` and the split has boxes. An anatomy
+task's `scores` are per pixel (B, H, W, K) and its batches carry the true `anatomy` maps.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cxr_jax.data import labels
-from cxr_jax.metrics import classification, localization, location_aware
+from cxr_jax.metrics import classification, localization, location_aware, segmentation
 
 LOCALIZATION = ("ham_localization", "wang_localization")
-EVALUATORS = ("classification", *LOCALIZATION, "location_accuracy")
+EVALUATORS = ("classification", *LOCALIZATION, "location_accuracy", "segmentation")
 
 
 def parse(names: str) -> tuple[str, ...]:
@@ -118,6 +120,23 @@ class _Localization:
     return self.accumulator.scalars()
 
 
+class _Segmentation(_Localization):
+  """Dice and IoU of an anatomy task's per-pixel scores against the true maps."""
+
+  def update(self, batch: Mapping[str, np.ndarray]) -> None:
+    self.accumulator.update(batch["scores"], batch["anatomy"])
+
+
+# The summary number of each primary evaluator's report.
+HEADLINE = {"classification": "mean_auc", "segmentation": "mean_dice"}
+
+
+def primary(task: Any) -> str:
+  """The evaluator every evaluation of the task runs: segmentation for a segmenter, else
+  classification."""
+  return "segmentation" if task.target == "anatomy" else "classification"
+
+
 class _LocationAccuracy(_Localization):
   """Side and zone accuracy of a location-aware (fine-label) task."""
 
@@ -153,6 +172,9 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
   located = class_indices(eval_config, "localization_classes", task.class_names)
   classified = class_indices(eval_config, "classes", task.class_names)
   for name in names:
+    if (name == "segmentation") != (task.target == "anatomy"):
+      raise ValueError(f"evaluator {name!r} does not fit a task learning {task.target}: a "
+                       "segmenter (data.target=anatomy) is evaluated by 'segmentation' only")
     if name in LOCALIZATION and task.target != "labels":
       raise ValueError(f"{name} compares maps of the finding labels with their boxes; the task "
                        f"learns {task.target}")
@@ -172,6 +194,8 @@ def build(names: Sequence[str], task: Any, eval_config: Mapping[str, Any], *, im
     elif name == "wang_localization":
       evaluators[name] = _Localization(localization.WangLocalization(
           task.class_names, image_size, levels=tuple(eval_config["wang_levels"])), located)
+    elif name == "segmentation":
+      evaluators[name] = _Segmentation(segmentation.SegmentationAccumulator(task.class_names))
     else:
       evaluators[name] = _LocationAccuracy(location_aware.LocationAccuracy(task.class_names))
   return evaluators
