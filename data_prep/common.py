@@ -33,7 +33,7 @@ from cxr_jax.data.augment import encode_png
 _CHUNK_SIZE = 8
 _PROGRESS_EVERY = 1000
 # What PIL raises for a missing, empty, truncated, corrupt or absurdly large image file.
-_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class BadInputError(ValueError):
@@ -203,6 +203,7 @@ class ImageResult:
   """A prepared image: PNG bytes, the source's width and height, and the resized label map.
 
   `error` says why the image (or its label map) could not be read; the other fields are then empty.
+  `error_file` names the file to blame when it is not the item's own (e.g. a bad mask).
   """
 
   png: bytes = b""
@@ -210,6 +211,7 @@ class ImageResult:
   height: int = 0
   label_map_png: bytes | None = None
   error: str | None = None
+  error_file: str | None = None
 
 
 def prepare_image(job: ImageJob) -> ImageResult:
@@ -223,13 +225,13 @@ def prepare_image(job: ImageJob) -> ImageResult:
       image.load()
       width, height = image.size
       png = encode_png(resize_area(to_gray8(image), job.size))
-  except _UNREADABLE as e:
+  except UNREADABLE as e:
     return ImageResult(error=f"cannot read image {job.path}: {e}")
   label_map_png = None
   if job.label_map_path is not None:
     try:
       label_map_png = _prepare_label_map(job.label_map_path, (width, height), job.size)
-    except _UNREADABLE as e:
+    except UNREADABLE as e:
       return ImageResult(error=f"cannot read label map {job.label_map_path}: {e}")
   return ImageResult(png=png, width=width, height=height, label_map_png=label_map_png)
 
@@ -270,16 +272,20 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any],
     yield pool.imap(fn, items, chunksize=_CHUNK_SIZE)
 
 
-def add_examples(dataset: Any, items: Sequence[Any], jobs: Sequence[ImageJob], workers: int,
-                 bad: BadInputs, source_of: Callable[[Any], tuple[str, int, str]],
-                 make: Callable[[Any, ImageResult], Any]) -> None:
-  """Prepares each item's image (its job in `jobs`) in a pool of `workers` and adds
-  `make(item, result)`, a CxrExample, to the item's `split`. An image that cannot be prepared is
-  bad input named by `source_of(item)`: the file and row that list it, and its image id."""
-  with parallel_map(prepare_image, jobs, workers) as results:
+def add_examples(dataset: Any, items: Sequence[Any], jobs: Sequence[Any], workers: int,
+                 bad: BadInputs, source_of: Callable[[Any], tuple[str, int | None, str]],
+                 make: Callable[[Any, ImageResult], Any],
+                 prepare: Callable[[Any], ImageResult] | None = None) -> None:
+  """Prepares each item's image (its job in `jobs`, by `prepare`, default `prepare_image`) in a
+  pool of `workers` and adds `make(item, result)`, a CxrExample, to the item's `split`. An image
+  that cannot be prepared is bad input named by `source_of(item)`: the file and row that list
+  it, and its image id (or by the result's `error_file`, when it blames another file)."""
+  with parallel_map(prepare or prepare_image, jobs, workers) as results:
     for item, result in zip(items, with_progress(results, len(jobs))):
       if result.error:
         file, line, image_id = source_of(item)
+        if result.error_file:
+          file, line = result.error_file, None
         bad.report(BadInputError(file, line, result.error, image=image_id))
         continue
       dataset.add(item.split, make(item, result))
