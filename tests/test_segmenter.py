@@ -161,3 +161,69 @@ def test_confident_only_and_a_resume_on_rewritten_shards_is_refused(segmenter_ru
   classifier.train.steps = 6
   with pytest.raises(ValueError, match="data_fingerprint"):
     train.train_and_evaluate(classifier, run_dir)
+
+
+TINY_DENSENET = {"name": "densenet121", "growth_rate": 4, "block_config": (1, 1, 1, 1),
+                 "num_init_features": 8, "bn_size": 2}
+# Output stride 8: C3, C4 and C5 share a size, so two decoder steps upsample nothing.
+TINY_RESNET = {"name": "resnet18", "stage_sizes": (1, 1, 1, 1), "width": 8, "output_stride": 8}
+# Relative to the logits' largest value: about 4x the largest measured flax-vs-torch float32
+# difference over the three cases (7.4e-7; the DenseNet at 48 px upsamples its 1x1 C5 to 3x3).
+PARITY_REL = 3e-6
+
+
+def mirror_config(backbone):
+  return {"model": {"name": "segmenter", "backbone": backbone, "channels": 1,
+                    "segmenter": {"decoder_features": (8, 6, 4)}},
+          "loss": {"segmenter": {"dice_weight": 0.5}}, "dtype": "float32"}
+
+
+@pytest.mark.parametrize("backbone,size", [(TINY_DENSENET, 64), (TINY_DENSENET, 48),
+                                           (TINY_RESNET, 40)])
+def test_mirror_loads_the_exported_weights_strictly_and_matches_the_logits(backbone, size,
+                                                                           tmp_path):
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from cxr_jax.interop import convert, registry  # pylint: disable=g-import-not-at-top
+  from parity import assert_close_to_scale, randomize  # pylint: disable=g-import-not-at-top
+  cfg, task = mirror_config(backbone), methods.Task(target="anatomy", class_names=tuple("abcde"))
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, size, size, 1)), jnp.float32)
+  model = segmenter.build(cfg, task)
+  variables = randomize(jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x))
+  path = tmp_path / "model.safetensors"
+  convert.state_dict_to_safetensors(convert.to_state_dict(variables, registry.torch_names(cfg)),
+                                    path)
+  with jax.default_matmul_precision("highest"):
+    want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  mirror = registry.build_mirror(cfg, task).eval()
+  mirror.load_state_dict(safetensors.torch.load_file(path), strict=True)
+  with torch.no_grad():
+    got = mirror(torch.from_numpy(np.array(x).transpose(0, 3, 1, 2)))
+  assert got["logits"].shape == (2, size, size, 5)
+  assert_close_to_scale(got["logits"].numpy(), np.asarray(want["logits"]), rel=PARITY_REL,
+                        name="logits")
+  anatomy = np.random.default_rng(4).integers(0, 5, (2, size, size)).astype(np.uint8)
+  weight = np.array([1.0, 0.0], np.float32)
+  want_total, want_terms = segmenter.loss(want, {"anatomy": jnp.asarray(anatomy)}, task=task,
+                                          config=cfg, weight=jnp.asarray(weight))
+  total, terms = registry.torch_loss(cfg)(got, {"anatomy": torch.from_numpy(anatomy)}, task=task,
+                                          config=cfg, weight=torch.from_numpy(weight))
+  for name, value in dict(terms, total=total).items():
+    assert_close_to_scale(value.numpy(), np.asarray(dict(want_terms, total=want_total)[name]),
+                          rel=1e-5, name=name)
+
+
+def test_export_writes_a_torchscript_segmenter(segmenter_run, tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  from cxr_jax import export  # pylint: disable=g-import-not-at-top
+  workdir, _ = segmenter_run
+  result = export.export(workdir, str(tmp_path / "export"))
+  folder = result["out"]
+  assert json.load(open(os.path.join(folder, "labels.json"))) == list(datasets.ANATOMY_NAMES)
+  spec = json.load(open(os.path.join(folder, "preprocessing.json")))
+  assert spec["scores"] == "softmax" and spec["extra_inputs"] == []
+  model = torch.jit.load(os.path.join(folder, "model.pt"))
+  with torch.no_grad():
+    probs = model(torch.rand(3, 1, 32, 32))
+  assert probs.shape == (3, 32, 32, len(datasets.ANATOMY_NAMES))
+  np.testing.assert_allclose(probs.sum(-1).numpy(), 1.0, atol=1e-5)

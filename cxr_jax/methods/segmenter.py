@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cxr_jax import backbones, layers, losses, methods
+from cxr_jax.interop import convert
 from cxr_jax.methods import Method, Task
 
 # `config.model.segmenter`: the decoder's widths, one per skip from C4 down to C2 (ours).
@@ -92,6 +93,14 @@ def build(config: Mapping[str, Any], task: Task) -> Model:
   return Model(backbone=backbones.build({**config["model"]["backbone"], "dtype": dtype}),
                num_classes=task.num_classes,
                decoder_features=tuple(settings(config["model"])["decoder_features"]), dtype=dtype)
+
+
+def torch_names(model_cfg: Mapping[str, Any]) -> convert.TorchNames:
+  """The mirror's keys: `backbone.` + torchvision's, then `decoder{i}.conv{1,2}.weight`,
+  `decoder{i}.bn{1,2}.*` and `classifier.{weight,bias}`."""
+  return convert.TorchNames((convert.backbone_scope(model_cfg["backbone"], flax="backbone",
+                                                    torch="backbone"),
+                             convert.Scope("", "")))
 
 
 def loss_settings(loss_cfg: Mapping[str, Any]) -> dict[str, Any]:
