@@ -24,6 +24,14 @@ reduced channels (PHANTOM_MSML); `head=gap` puts MSML on the baseline's head.
 `method=can` trains CAN with two of the baseline's DenseNets as branches (each its own random
 init), CAN's balance loss (class-balanced focal BCE, training-split counts) and attention loss; its
 ablations are command-line overrides (benchmarks/can_ablations.py).
+`method=anatomy_xnet` trains Anatomy-XNet on the baseline's DenseNet: A3 on the lungs and the
+heart of the phantom's true anatomy maps (which the phantom renders with every image; on real data
+they come from a segmenter, docs/methods/anatomy_xnet.md) and PWAP, with the baseline's BCE;
+`--config.model.anatomy_xnet.a3=False` is the "A3 off, PWAP on" ablation.
+`method=segmenter` trains the anatomy segmenter (Anatomy-XNet's stage 1) on the phantom's anatomy
+maps (`data.target=anatomy`: its 7 regions) with the DenseNet as encoder and a decoder of 64, 32
+and 16 channels (PHANTOM_SEGMENTER), ranked by validation mean Dice; `cxr_jax.pseudolabel` then
+writes its maps into a copy of the phantom for `method=anatomy_xnet` with predicted masks.
 """
 
 import os
@@ -32,10 +40,10 @@ import ml_collections
 
 from configs import common
 from cxr_jax.data import labels, writer
-from cxr_jax.methods import can, ham, msml, spf
+from cxr_jax.methods import anatomy_xnet, can, ham, msml, segmenter, spf
 from data_prep import phantom
 
-METHODS = ("baseline", "ham", "spf", "msml", "can")
+METHODS = ("baseline", "ham", "spf", "msml", "can", "anatomy_xnet", "segmenter")
 # The phantom's small backbones: a DenseNet, and a ResNet-18-style one with one block per stage,
 # widths 16..128, at output stride 8 for HAM (ours; HAM uses ResNet-50).
 BACKBONES = {
@@ -48,12 +56,13 @@ PHANTOM_HAM = dict(ham.DEFAULTS, fa_features=64, head_features=64)
 # SPF and MSML heads narrowed for the phantom's backbones (ours, like every SPF/MSML layer size).
 PHANTOM_SPF = dict(spf.DEFAULTS, reduce_channels=64, bottleneck_channels=16, hidden=128)
 PHANTOM_MSML = dict(msml.DEFAULTS, features=128)
+PHANTOM_SEGMENTER = dict(segmenter.DEFAULTS, decoder_features=(64, 32, 16))
 CACHE = os.environ.get("CXR_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "cxr_jax"))
 
 
 def get_config(arg=None):
-  """The phantom recipe; `arg` may hold `smoke`, `method=baseline|ham|spf|msml|can`, `head=` (the
-  method's `head` field: SPF spf|gap|flatten, MSML bilinear|compact|gap) and
+  """The phantom recipe; `arg` may hold `smoke`, `method=` one of METHODS,
+  `head=` (the method's `head` field: SPF spf|gap|flatten, MSML bilinear|compact|gap) and
   `backbone=densenet|resnet` (default: resnet for HAM and SPF, densenet otherwise)."""
   arg = common.parse_arg(arg, smoke=False, method="baseline", backbone="", head="")
   if arg.method not in METHODS:
@@ -96,6 +105,8 @@ def get_config(arg=None):
       c.model.spf.update(grid=2, reduce_channels=8, bottleneck_channels=4, hidden=16)
     if arg.method == "msml":
       c.model.msml.features = 8
+    if arg.method == "segmenter":
+      c.model.segmenter.decoder_features = (8, 8, 8)
     c.optim.warmup_steps = 0
     c.train.update(steps=4, global_batch=8, log_every=1, eval_every=4)
     c.checkpoint.every = 4
@@ -140,4 +151,24 @@ def _use_can(c: ml_collections.ConfigDict, head: str) -> None:
   c.loss.can = ml_collections.ConfigDict(can.LOSS_DEFAULTS)
 
 
-RECIPES = {"ham": _use_ham, "spf": _use_spf, "msml": _use_msml, "can": _use_can}
+def _use_anatomy_xnet(c: ml_collections.ConfigDict, head: str) -> None:
+  """Anatomy-XNet (anatomy_xnet.DEFAULTS: A3 on lungs and heart, PWAP) with BCE on the 14
+  findings, reading the phantom's anatomy maps."""
+  del head  # Anatomy-XNet's variants are config.model.anatomy_xnet fields
+  c.model.name = "anatomy_xnet"
+  c.model.anatomy_xnet = ml_collections.ConfigDict(anatomy_xnet.DEFAULTS)
+
+
+def _use_segmenter(c: ml_collections.ConfigDict, head: str) -> None:
+  """The anatomy segmenter (PHANTOM_SEGMENTER) on the phantom's anatomy maps, scored by Dice."""
+  del head  # one decoder
+  c.model.name = "segmenter"
+  c.model.segmenter = ml_collections.ConfigDict(PHANTOM_SEGMENTER)
+  c.data.target = "anatomy"
+  c.eval.evaluators = "segmentation"
+  c.eval.localization_classes = ""
+  c.checkpoint.best_metric = "val/mean_dice"
+
+
+RECIPES = {"ham": _use_ham, "spf": _use_spf, "msml": _use_msml, "can": _use_can,
+           "anatomy_xnet": _use_anatomy_xnet, "segmenter": _use_segmenter}

@@ -9,9 +9,10 @@ import os
 
 import pytest
 
-from cxr_jax import config_utils, evaluate, train
+from cxr_jax import config_utils, evaluate, pseudolabel, train
 from cxr_jax.data import labels
 from cxr_jax.metrics import classification, localization
+from data_prep.phantom import anatomy as phantom_anatomy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True))
@@ -78,6 +79,9 @@ def test_phantom_smoke_trains_and_evaluates(tmp_path, monkeypatch):
                                       ("phantom.py", "method=spf,head=flatten"),
                                       ("phantom.py", "method=msml,head=compact"),
                                       ("phantom.py", "method=can"),
+                                      ("phantom.py", "method=anatomy_xnet"),
+                                      ("phantom.py", "method=segmenter"),
+                                      ("nih/anatomy_xnet.py", "epochs=1,smoke"),
                                       ("nih/can.py", ""), ("nih/can.py", "res=224,smoke"),
                                       ("nih/ham.py", "setting=loc_fold,smoke"),
                                       ("mimic/spf.py", ""), ("mimic/spf.py", "smoke"),
@@ -122,7 +126,8 @@ def test_phantom_ham_smoke_trains_with_every_term_and_localizes(tmp_path, monkey
 @pytest.mark.parametrize("arg, terms", [("method=spf,smoke", {"cls_loss", "rec_loss"}),
                                         ("method=spf,head=gap,smoke", {"cls_loss"}),
                                         ("method=msml,smoke", {"bce_loss", "msml_loss"}),
-                                        ("method=can,smoke", {"cls_loss", "att_loss"})])
+                                        ("method=can,smoke", {"cls_loss", "att_loss"}),
+                                        ("method=anatomy_xnet,smoke", {"cls_loss"})])
 def test_phantom_method_smokes_train_and_evaluate(tmp_path, monkeypatch, arg, terms):
   """SPF on the location-aware task (side and zone accuracy reported), MSML and CAN on the
   findings."""
@@ -137,3 +142,22 @@ def test_phantom_method_smokes_train_and_evaluate(tmp_path, monkeypatch, arg, te
     assert result["location_accuracy"] is not None
   else:
     assert set(classes) == set(labels.NIH_LABELS)
+
+
+def test_phantom_anatomy_recipe_segments_pseudolabels_and_classifies(tmp_path, monkeypatch):
+  """Anatomy-XNet's three commands at smoke size: the segmenter learns the phantom's maps (Dice on
+  the test split), writes its own maps into a copy of the phantom, and Anatomy-XNet trains on
+  those predicted maps."""
+  monkeypatch.setenv("CXR_JAX_CACHE", str(tmp_path / "cache"))
+  path = os.path.join(REPO, "configs", "phantom.py")
+  seg = load_config(path, "method=segmenter,smoke")
+  last = train.train_and_evaluate(seg, str(tmp_path / "seg"))
+  assert {"seg_ce", "seg_dice"} <= set(last["train"]) and "mean_dice" in last["val"]
+  result = evaluate.evaluate(str(tmp_path / "seg"), "test", "best")
+  assert set(result["segmentation"]["classes"]) == set(phantom_anatomy.ANATOMY_NAMES)
+  facts = pseudolabel.pseudolabel(str(tmp_path / "seg"), seg.data.dir, str(tmp_path / "pseudo"))
+  assert facts["splits"]["test"]["images"] > 0
+  classifier = load_config(path, "method=anatomy_xnet,smoke")
+  classifier.data.update(dir=str(tmp_path / "pseudo"), prepare="")
+  last = train.train_and_evaluate(classifier, str(tmp_path / "axnet"))
+  assert last["train"]["cls_loss"] > 0 and "mean_auc" in last["val"]

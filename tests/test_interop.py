@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from configs import common
 from cxr_jax import backbones, methods
+from cxr_jax.data import labels
 from cxr_jax.interop import convert, registry
 from cxr_jax.interop import torch_modules
 from parity import assert_close_to_scale
@@ -94,7 +95,8 @@ def experiment(backbone: dict, channels: int = 3):
 
 def task(num_classes: int = NUM_CLASSES) -> methods.Task:
   """A finding-label task with `num_classes` outputs."""
-  return methods.Task(target="labels", class_names=tuple(f"class{i}" for i in range(num_classes)))
+  return methods.Task(target="labels", class_names=tuple(f"class{i}" for i in range(num_classes)),
+                      anatomy_names=labels.ANATOMY_VOCABULARY)
 
 
 # The package's own methods; a method registered from elsewhere (tests/toy_method.py, with its extra
@@ -121,9 +123,11 @@ def mirror_model(config, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
   return registry.build_mirror(config, task(num_classes))
 
 
-def abstract_variables(model, channels=3):
+def abstract_variables(model, channels=3, inputs=()):
+  """The model's variables, abstract; `inputs` are the method's extra inputs (region-id maps)."""
   x = jax.ShapeDtypeStruct((2, SIZE, SIZE, channels), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  extra = {name: jax.ShapeDtypeStruct((2, SIZE, SIZE), jnp.uint8) for name in inputs}
+  return jax.eval_shape(lambda x, e: model.init(jax.random.key(0), x, train=False, **e), x, extra)
 
 
 def zeros_like_abstract(abstract):
@@ -345,7 +349,8 @@ def test_every_method_has_torch_names_a_mirror_and_a_loss():
     mirror = mirror_model(config)
     assert isinstance(mirror, torch.nn.Module), name
     # The mirror's state_dict is what the names make of the flax model's variables.
-    variables = zeros_like_abstract(abstract_variables(flax_model(config)))
+    variables = zeros_like_abstract(abstract_variables(flax_model(config),
+                                                       inputs=methods.get(name).inputs))
     assert sorted(convert.to_state_dict(variables, names)) == sorted(mirror.state_dict()), name
     assert callable(registry.torch_loss(config)), name
 

@@ -49,7 +49,11 @@ SPECS: dict[str, TorchSpec] = {
     "baseline": TorchSpec(names=convert.baseline_names,
                           mirror="cxr_jax.interop.torch_modules:baseline",
                           loss="cxr_jax.interop.torch_modules:baseline_loss"),
-    **{method: _own_mirror(method) for method in ("ham", "spf", "msml", "can")},
+    **{method: _own_mirror(method) for method in ("ham", "spf", "msml", "can", "segmenter")},
+    # Anatomy-XNet's loss is the baseline's.
+    "anatomy_xnet": TorchSpec(names=_method_names("anatomy_xnet"),
+                              mirror="cxr_jax.interop.torch_anatomy_xnet:mirror",
+                              loss="cxr_jax.interop.torch_modules:baseline_loss"),
 }
 
 
