@@ -227,3 +227,33 @@ def test_export_writes_a_torchscript_segmenter(segmenter_run, tmp_path):
     probs = model(torch.rand(3, 1, 32, 32))
   assert probs.shape == (3, 32, 32, len(datasets.ANATOMY_NAMES))
   np.testing.assert_allclose(probs.sum(-1).numpy(), 1.0, atol=1e-5)
+
+
+def test_export_bundles_the_segmenter_before_an_anatomy_classifier(segmenter_run, toy, tmp_path):
+  """pipeline.pt: image -> the segmenter's map -> Anatomy-XNet's scores, equal to model.pt fed
+  the same map by hand."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from cxr_jax import export  # pylint: disable=g-import-not-at-top
+  seg_dir, _ = segmenter_run
+  classifier = datasets.tiny_config(toy, steps=2, eval_every=2)
+  classifier.model.name = "anatomy_xnet"
+  classifier.checkpoint.every = 2
+  train.train_and_evaluate(classifier, str(tmp_path / "axnet"))
+  with pytest.raises(ValueError, match="reads no anatomy maps"):
+    export.export(seg_dir, str(tmp_path / "bad"), segmenter=seg_dir)
+  folder = export.export(str(tmp_path / "axnet"), str(tmp_path / "export"), segmenter=seg_dir)["out"]
+  spec = json.load(open(os.path.join(folder, "preprocessing.json")))
+  assert spec["pipeline"]["file"] == "pipeline.pt" and spec["extra_inputs"] == ["anatomy"]
+  pipeline_model = torch.jit.load(os.path.join(folder, "pipeline.pt"))
+  classifier_model = torch.jit.load(os.path.join(folder, "model.pt"))
+  segmenter_model = torch.jit.load(os.path.join(export.export(seg_dir, str(tmp_path / "seg"))["out"],
+                                                "model.pt"))
+  image = torch.rand(3, 1, 32, 32)
+  with torch.no_grad():
+    probs = segmenter_model(image).permute(0, 3, 1, 2)  # the segmenter's size is 32 too
+    maps = F.interpolate(probs, size=(32, 32), mode="bilinear").argmax(1).to(torch.uint8)
+    want = classifier_model(image, maps)
+    got = pipeline_model(image)
+  assert got.shape == want.shape == (3, 14)
+  torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

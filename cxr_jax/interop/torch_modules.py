@@ -284,3 +284,24 @@ class Predictor(nn.Module):
   def forward(self, x: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     outputs = self.model((x - self.mean) / self.std, **dict(zip(self.inputs, inputs)))
     return SCORES[self.scores](outputs["logits"])
+
+
+class SegmentThenClassify(nn.Module):
+  """A segmenter's Predictor feeding its anatomy maps to a classifier's Predictor: the deployable
+  model of an anatomy-guided method (Anatomy-XNet) from the image alone.
+
+  `forward(image)` takes (B, 1, H, W) pixel/255 at the classifier's size; the segmenter sees it
+  area-resized to `segmenter_size`, its per-pixel probabilities are upsampled bilinearly to H x W
+  and their argmax is the anatomy map the classifier reads (as `cxr_jax.pseudolabel` writes
+  maps); returns the classifier's scores (B, K).
+  """
+
+  def __init__(self, segmenter: Predictor, classifier: Predictor, segmenter_size: int):
+    super().__init__()
+    self.segmenter, self.classifier, self.segmenter_size = segmenter, classifier, segmenter_size
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    small = F.interpolate(x, size=(self.segmenter_size, self.segmenter_size), mode="area")
+    probs = self.segmenter(small).permute(0, 3, 1, 2)
+    probs = F.interpolate(probs, size=x.shape[2:], mode="bilinear", align_corners=False)
+    return self.classifier(x, probs.argmax(dim=1).to(torch.uint8))
