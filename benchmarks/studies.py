@@ -1,8 +1,9 @@
 """What the phantom experiments share: variants trained with seeds, evaluated, tabulated.
 
-A study (`benchmarks/localization.py`, `spf_location.py`, `msml_loss.py`, `can_ablations.py`)
-names its variants, each a `configs/phantom.py` argument plus command-line overrides, and a
-function that turns the runs' reports into markdown tables. `main` trains and evaluates every
+A study (`benchmarks/localization.py`, `spf_location.py`, `msml_loss.py`, `can_ablations.py`,
+`anatomy_xnet.py`) names its variants, each a `configs/phantom.py` argument plus command-line
+overrides (where "{workdir}" is the study's folder), a function that turns the runs' reports
+into markdown tables, and optionally what to make once before the runs (`prepare`). `main` trains and evaluates every
 (variant, seed) not evaluated yet, each in fresh processes as a user would (`cxr_jax.train`, then
 `cxr_jax.evaluate --split test` on the best-by-validation checkpoint), up to `--parallel` at a
 time, each pinned to its own CPU core where the OS allows (measured on 2 cores: two pinned
@@ -40,6 +41,9 @@ class Study:
   tables: Callable[[Results], str]  # {variant: one report per seed} -> markdown
   default_variants: tuple[str, ...]
   default_workdir: str
+  # Runs first, with the workdir and the chosen variants: what the variants need made once (e.g.
+  # a dataset); returns markdown put before the tables ("" for none).
+  prepare: Callable[[str, Sequence[str]], str] | None = None
 
 
 def run(study: Study) -> None:
@@ -76,6 +80,8 @@ def classification_report(directory: str) -> dict[str, Any]:
 def commands(variants: Variants, variant: str, seed: int, directory: str) -> list[list[str]]:
   """The train and evaluate command lines of one run."""
   arg, overrides = variants[variant]
+  # "{workdir}" in an override is the study's folder (e.g. a dataset its `prepare` made there).
+  overrides = [o.replace("{workdir}", os.path.dirname(directory)) for o in overrides]
   python = [sys.executable, "-m"]
   return [python + ["cxr_jax.train", "--config", f"configs/phantom.py:{arg}", "--workdir",
                     directory, f"--config.seed={seed}", *overrides],
@@ -158,12 +164,15 @@ def auc_tables(results: Results) -> str:
   """For studies of the 14 findings: mean AUC, then AUC per finding, mean ± std over seeds, from
   each run's `eval_test.json`."""
   summary = summary_table(results, {"mean AUC": lambda r: r["mean_auc"]})
-  per_class = markdown(
-      ["finding", *results],
-      [[name, *(mean_spread([r["classes"][name]["auc"] for r in runs])
-                for runs in results.values())] for name in labels.NIH_LABELS])
   return (f"Test split, mean ± sample std over seeds.\n\n{summary}\n\n"
-          f"AUC per finding:\n\n{per_class}\n")
+          f"AUC per finding:\n\n{finding_auc_table(results)}\n")
+
+
+def finding_auc_table(results: Results) -> str:
+  """AUC per finding (rows) and variant (columns) from classification reports, mean ± std."""
+  return markdown(["finding", *results],
+                  [[name, *(mean_spread([r["classes"][name]["auc"] for r in runs])
+                            for runs in results.values())] for name in labels.NIH_LABELS])
 
 
 def main(study: Study, argv: Sequence[str]) -> None:
@@ -181,8 +190,9 @@ def main(study: Study, argv: Sequence[str]) -> None:
   for _, _, directory in todo:
     if is_evaluated(directory):
       logging.info("%s: evaluated already", directory)
+  prepared = study.prepare(values.workdir, values.methods) if study.prepare else ""
   run_all(study.variants, [t for t in todo if not is_evaluated(t[2])], values.parallel)
-  text = study.tables(collect(study, values.workdir, values.seeds))
+  text = prepared + study.tables(collect(study, values.workdir, values.seeds))
   with open(os.path.join(values.workdir, "table.md"), "w", encoding="utf-8") as f:
     f.write(text)
   print(text)

@@ -14,6 +14,7 @@ from test_end_to_end import REPO, load_config
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import anatomy_xnet
 import can_ablations
 import localization
 import msml_loss
@@ -21,7 +22,7 @@ import spf_location
 import studies
 
 STUDIES = {"localization": localization, "spf_location": spf_location, "msml_loss": msml_loss,
-           "can_ablations": can_ablations}
+           "can_ablations": can_ablations, "anatomy_xnet": anatomy_xnet}
 
 
 def parse(text):
@@ -148,3 +149,24 @@ def test_collect_keeps_variants_with_every_seed_evaluated(tmp_path):
   os.makedirs(studies.run_dir(str(tmp_path), "msml-bce", 0))
   assert list(studies.collect(msml_loss.STUDY, str(tmp_path), seeds=2)) == ["bce"]
   assert list(studies.collect(msml_loss.STUDY, str(tmp_path), seeds=3)) == []
+
+
+def test_overrides_name_the_study_folder_and_prepare_runs_only_when_needed(tmp_path):
+  directory = studies.run_dir(str(tmp_path), "anatomy_xnet-predicted", 1)
+  train_command, _ = studies.commands(anatomy_xnet.VARIANTS, "anatomy_xnet-predicted", 1, directory)
+  assert f"--config.data.dir={tmp_path}/{anatomy_xnet.PSEUDO}" in train_command
+  assert anatomy_xnet.prepare(str(tmp_path), ["baseline", "anatomy_xnet-true"]) == ""
+  assert not os.listdir(tmp_path)  # nothing trained for variants on true maps
+
+
+def test_segmenter_tables_give_dice_per_region_and_confidence_per_split():
+  report = dict(mean_dice=0.8, mean_iou=0.7, classes={
+      "background": dict(dice=0.99, iou=0.98, n_images=10),
+      "heart": dict(dice=0.8, iou=0.7, n_images=10), "abdomen": dict(dice=None, iou=None, n_images=0)})
+  quantiles = dict(q0=0.5, q5=0.6, q25=0.7, q50=0.8, q75=0.9, q95=0.95, q100=0.99)
+  pseudo = dict(threshold=0.9, splits={"train": dict(images=10, flagged=7,
+                                                     confidence_quantiles=quantiles)})
+  text = anatomy_xnet.segmenter_tables(report, pseudo)
+  assert "mean Dice 0.800" in text and "| heart | 0.800 | 0.700 | 10 |" in text
+  assert "| abdomen | n/a | n/a | 0 |" in text
+  assert "| split | images | below 0.9 | q0 |" in text and "| train | 10 | 7 | 0.500 |" in text
