@@ -19,12 +19,24 @@ from cxr_jax.data import tfrecord, writer
 INDEX_SUFFIX = ".index.npy"
 
 
+def _read_cached(cache: str) -> np.ndarray | None:
+  """A cached index, or None when there is none or it cannot be read (np.load never unpickles:
+  an index file holding objects raises, and is rebuilt)."""
+  if not os.path.exists(cache):
+    return None
+  try:
+    return np.load(cache)
+  except (ValueError, OSError, EOFError) as e:
+    logging.warning("unreadable index %s (%s); rebuilding", cache, e)
+    return None
+
+
 def load_index(shard: str) -> np.ndarray:
   """The offsets of a shard's records (N + 1 values), from the cache or by scanning the shard."""
   cache = shard + INDEX_SUFFIX
   size = os.path.getsize(shard)
-  if os.path.exists(cache):
-    offsets = np.load(cache)
+  offsets = _read_cached(cache)
+  if offsets is not None:
     if offsets.ndim == 1 and len(offsets) and offsets[0] == 0 and offsets[-1] == size:
       return offsets
     logging.warning("stale index %s (shard size changed); rebuilding", cache)

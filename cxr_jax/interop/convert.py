@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 from typing import Any, Callable, Mapping
 
@@ -353,7 +354,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ImportError as e:
       raise ImportError(f"reading {path} needs torch; without it, give the weights as .safetensors or .npz"
                         ) from e
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      # weights_only: tensors and plain containers only; a pickle that would run code is refused
+      # before anything in it runs.
+      state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+      raise ValueError(f"{path}: refused by torch.load(weights_only=True), which reads tensors "
+                       f"only; the file holds other objects (maybe code): {e}") from e
     if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
       found = list(state_dict)[:5] if isinstance(state_dict, Mapping) else type(state_dict).__name__
       raise ValueError(f"{path} holds no plain state_dict of tensors (found {found}); "
