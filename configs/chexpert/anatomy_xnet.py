@@ -19,8 +19,8 @@ input at train and test time, so the shards must carry anatomy maps made by a se
   python -m cxr_jax.evaluate --workdir runs/chexpert-anatomy_xnet --split test
 
 $DATA/shards/chexpert comes from `python -m data_prep.chexpert --src $DATA --out
-$DATA/shards/chexpert --image-size 512` (frontal images; valid.csv is the test split). Steps (1)
-and (2) are being built. Variants: `:res=<pixels>`, `:epochs=<n>`, `:smoke`. Ablations as in
+$DATA/shards/chexpert --image-size 512` (frontal images; valid.csv is the test split).
+Variants: `:res=<pixels>`, `:epochs=<n>`, `:smoke`. Ablations as in
 configs/nih/anatomy_xnet.py (`--config.model.anatomy_xnet.a3=False`, ...).
 
 The paper's: DenseNet-121 from ImageNet, A3 and PWAP, JSRT-based anatomy; reported mean AUC 0.9207

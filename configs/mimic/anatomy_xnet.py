@@ -19,7 +19,7 @@ at train and test time, so the shards must carry anatomy maps made by a segmente
   python -m cxr_jax.evaluate --workdir runs/mimic-anatomy_xnet --split test
 
 $DATA/shards/mimic comes from `python -m data_prep.mimic --src $DATA/mimic-cxr-jpg/2.0.0 --out
-$DATA/shards/mimic --image-size 512 --one-per-study`. Steps (1) and (2) are being built.
+$DATA/shards/mimic --image-size 512 --one-per-study`.
 Variants: `:res=<pixels>`, `:epochs=<n>`, `:smoke`. Ablations as in configs/nih/anatomy_xnet.py
 (`--config.model.anatomy_xnet.a3=False`, ...).
 

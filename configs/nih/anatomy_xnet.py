@@ -18,7 +18,7 @@ carry anatomy maps made by a segmenter (docs/methods/anatomy_xnet.md):
   python -m cxr_jax.evaluate --workdir runs/anatomy_xnet --split test
 
 $DATA/shards/nih comes from `python -m data_prep.nih --src $DATA/ChestX-ray14 --out
-$DATA/shards/nih --image-size 512`. Steps (1) and (2) are being built; the segmenter must never
+$DATA/shards/nih --image-size 512`. The segmenter must never
 have seen the test images (research note B.10).
 
 Variants: `:res=<pixels>`, `:epochs=<n>`, `:smoke` (a tiny DenseNet at 64 px, a few steps).
