@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.lsr_ones = (0.55, 0.85)
   c.data.max_boxes = 16
   c.data.verify_crc = True
+  # A bad record (corrupt, undecodable, wrong size or label count): "raise" stops the run naming
+  # it; "skip" logs it, reads the next good record instead and counts it (`bad_records`).
+  c.data.on_bad_record = "raise"
   c.data.worker_count = 0  # decoding processes per host; 0 decodes in the training process
   c.data.prefetch = 2  # batches buffered per worker
   c.data.augment = ml_collections.ConfigDict(dataclasses.asdict(augment.AugmentParams()))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cxr_jax import layers, losses, methods, optim, parallel
-from cxr_jax.data import labels, mixture
+from cxr_jax.data import labels, mixture, pipeline
 from cxr_jax.metrics import classification, evaluators
 
 CONFIG_FILE = "config.json"
@@ -95,6 +95,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems += _choice(config, "optim.name", optim.OPTIMIZERS)
   problems += _choice(config, "optim.schedule", optim.SCHEDULES)
   problems += _choice(config, "data.uncertainty", labels.POLICIES)
+  problems += _choice(config, "data.on_bad_record", pipeline.ON_BAD_RECORD)
   problems += _choice(config, "parallel.distributed", parallel.MODES)
   for path in ("train.steps", "train.global_batch", "train.log_every", "eval.global_batch",
                "data.image_size", "optim.lr", "checkpoint.keep", "checkpoint.every"):
@@ -121,13 +122,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for CLIs that take `--config`, turning an override of a field the config
-  lacks (ml_collections raises AttributeError) into a one-line error that names it."""
+  lacks (ml_collections raises AttributeError; KeyError or TypeError when a section on the way to
+  it is missing or is a plain field, `--config.nosuch.field`) into a one-line error that names it."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
   try:
     return flags.FLAGS(argv)
-  except AttributeError as e:
-    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    cause = e.args[0].args[0] if e.args and isinstance(e.args[0], KeyError) else str(e)
+  except (AttributeError, KeyError, TypeError) as e:
+    if not isinstance(e, AttributeError) and not overrides:
+      raise
+    cause = e.args[0] if e.args else e
+    cause = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
     hint = " ".join(str(cause).split())  # e.g. 'lrr' Did you mean "lr" instead of "lrr"?
     raise SystemExit(f"FATAL: a config override names no field of the config: {hint} "
                      f"(overrides given: {', '.join(overrides)})") from None
@@ -142,7 +147,8 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
 # Fields added to the config after runs were saved without them, each with the value that means
 # what such a run did, so that evaluating or resuming an older run keeps working.
 ADDED_FIELDS = {"eval.classes": "", "eval.study_level": "", "data.lsr_zeros": (0.0, 0.3),
-                "data.lsr_ones": (0.55, 0.85), "data.mixture": "", "data.mixture_weights": ""}
+                "data.lsr_ones": (0.55, 0.85), "data.mixture": "", "data.mixture_weights": "",
+                "data.on_bad_record": "raise"}
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:

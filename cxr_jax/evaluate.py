@@ -79,7 +79,9 @@ def _evaluate_member(run, state, step: int, workdir: str, split: str, n_boot: in
                                            member=member)
   losses = experiment.evaluate_split(run, state, split, evaluators, member)
   reports = {name: evaluator.result() for name, evaluator in evaluators.items()}
+  bad_records = losses.pop("bad_records", None)
   report = dict(reports[primary], loss=losses.pop("loss"), loss_terms=losses,
+                bad_records=bad_records,
                 workdir=os.path.abspath(workdir), split=split, checkpoint_step=step,
                 data_dir=experiment.data_description(run.config), member=member,
                 location_accuracy=reports.get("location_accuracy"))

@@ -369,7 +369,8 @@ def evaluate_split(run: Run, state, split: str, evaluators: Mapping[str, Any],
                    member: str | None = None) -> dict[str, float]:
   """Streams every example of `split` (of one mixture member when named) exactly once through the
   evaluators (batch by batch; no split-sized array of maps is ever held) and returns the split's
-  weighted mean loss terms.
+  weighted mean loss terms (and, with `data.on_bad_record=skip`, `bad_records`: how many were
+  skipped).
 
   Raises:
     NonFiniteScores: the model's scores hold NaN or Inf.
@@ -380,10 +381,12 @@ def evaluate_split(run: Run, state, split: str, evaluators: Mapping[str, Any],
                                  worker_count=run.config.data.worker_count,
                                  prefetch=run.config.data.prefetch)
   totals: dict[str, float] = {}
+  bad_records = 0
   for batch in batches:
     device_batch, _ = pipeline.host_fields(batch)
     per_example, batch_totals = eval_step(state, parallel.to_global(device_batch, run.mesh))
     per_example, batch_totals = parallel.gather((per_example, batch_totals))
+    bad_records += int(per_example.pop("bad_records", np.zeros(0)).sum())
     keep = per_example["valid"] > 0
     per_example = {k: v[keep] for k, v in per_example.items()}
     if not np.isfinite(per_example["scores"]).all():
@@ -393,4 +396,7 @@ def evaluate_split(run: Run, state, split: str, evaluators: Mapping[str, Any],
     for name, value in batch_totals.items():
       totals[name] = totals.get(name, 0.0) + float(value)
   weight = max(totals.pop("weight", 0.0), 1.0)
-  return {name: value / weight for name, value in totals.items()}
+  means = {name: value / weight for name, value in totals.items()}
+  if run.config.data.on_bad_record == "skip":
+    means["bad_records"] = float(bad_records)
+  return means

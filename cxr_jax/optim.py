@@ -108,7 +108,8 @@ def check_groups(cfg: Mapping[str, Any]) -> list[str]:
   patterns = [(f"optim.{field}", rule) for field in ("lr_mults", "wd_mults")
               for rule in cfg[field]]
   for where, rule in patterns:
-    if len(rule) != 2 or not isinstance(rule[1], (int, float)) or rule[1] < 0:
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2
+        or not isinstance(rule[1], (int, float)) or rule[1] < 0):
       problems.append(f"config.{where}: {rule!r} is not (pattern, multiplier >= 0)")
       continue
     problems += _check_regex(where, rule[0])

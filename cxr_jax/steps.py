@@ -124,7 +124,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, method: 
 
 # Batch fields the eval step hands back beside the scores, for the evaluators.
 PASSTHROUGH = ("labels", "label_mask", "fine_labels", "fine_label_mask", "boxes", "box_labels",
-               "anatomy", "valid", "index")
+               "anatomy", "valid", "index", "bad_records")
 
 
 def apply_model(model: nn.Module, method: methods.Method, config: Mapping[str, Any],

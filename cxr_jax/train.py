@@ -120,13 +120,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress = run_log.Progress(config.train.steps, config.train.global_batch, start)
   stop = StopRequest()
   last: dict[str, Any] = {}
+  bad_records = 0  # skipped by this process since it started (data.on_bad_record=skip)
   try:
     for step in range(start + 1, config.train.steps + 1):
       device_batch, _ = pipeline.host_fields(next(data_iter))
+      bad_records += int(device_batch.pop("bad_records", np.zeros(0)).sum())
       state, train_metrics = train_step(state, parallel.to_global(device_batch, run.mesh))
       final = step == config.train.steps or stop.reached(step)  # one snapshot: signals are async
       if step % config.train.log_every == 0 or final:
-        last["train"] = log_train(log, progress, step, train_metrics, run.schedule, ckpt)
+        extra = ({"bad_records": total_over_processes(bad_records)}
+                 if config.data.on_bad_record == "skip" else {})
+        last["train"] = log_train(log, progress, step, train_metrics, run.schedule, ckpt, extra)
       validate_now = (config.train.eval_every and step % config.train.eval_every == 0) or final
       save_now = step % config.checkpoint.every == 0 or final
       if validate_now or save_now:
@@ -147,7 +151,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     log.close()
     data_iter.close()
+  if last.get("train", {}).get("bad_records"):
+    logging.warning("skipped %d bad training records (data.on_bad_record=skip; each is logged "
+                    "above)", last["train"]["bad_records"])
   return last
+
+
+def total_over_processes(count: int) -> int:
+  """A per-process count summed over every process (the same number on each)."""
+  if jax.process_count() == 1:
+    return count
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
 
 
 def fetch(metrics) -> dict[str, float]:
@@ -216,10 +230,12 @@ def check_stream(position: dict[str, Any], config, manifest: dict[str, Any]) -> 
                      "new workdir or restore these settings and data")
 
 
-def log_train(log, progress, step, train_metrics, schedule, ckpt) -> dict[str, float]:
-  """Fetches the step's metrics, writes the log, stops on a bad loss or state, prints progress."""
+def log_train(log, progress, step, train_metrics, schedule, ckpt,
+              extra: dict[str, float] | None = None) -> dict[str, float]:
+  """Fetches the step's metrics (plus `extra`), writes the log, stops on a bad loss or state,
+  prints progress."""
   scalars = fetch(train_metrics)
-  scalars.update(progress.update(step), lr=learning_rate(schedule, step))
+  scalars.update(progress.update(step), lr=learning_rate(schedule, step), **(extra or {}))
   log.write(step, "train", scalars)  # first: the log keeps the step that went wrong
   check_finite(scalars, step, ckpt)
   logging.info(progress.line(step, scalars["loss"], scalars["lr"], scalars))

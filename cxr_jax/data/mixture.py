@@ -197,6 +197,11 @@ class MixtureSource:
     k, local = self._locate(index)
     return self.sources[k][local]
 
+  def describe(self, index: int) -> str:
+    """Where record `index` is: its member's shard and position."""
+    k, local = self._locate(index)
+    return self.sources[k].describe(local)
+
   def member_of(self, index: int) -> int:
     """The member record `index` belongs to."""
     return self.member_ids[self._locate(index)[0]]

@@ -18,6 +18,13 @@ their weights (`mixture.epoch_order`, stream 2 below); a single dataset's order 
 Evaluation: no shuffle; each process reads `[process_index::process_count]`, padded to the same
 whole number of batches with copies flagged `valid = 0`, so every example counts exactly once.
 
+Bad records (corrupt framing or checksum, an image that does not decode or is not the dataset's
+size, labels of the wrong length) stop the run with a `BadRecordError` naming the shard, the
+record and the image id. With `config.data.on_bad_record=skip`, a bad record is logged and
+replaced by the next good record of the epoch's order (in evaluation, that copy is flagged
+`valid = 0`, like padding), and every example carries `bad_records`, the number of bad records
+skipped in its place, which the trainer and the evaluation count and report.
+
 Batches are dicts of numpy arrays as documented in docs/architecture.md; images stay uint8.
 """
 
@@ -28,10 +35,17 @@ import math
 from typing import Any, Mapping, Sequence
 
 import grain
-from absl import flags
+from absl import flags, logging
 import numpy as np
 
 from cxr_jax.data import augment, labels as labels_lib, mixture, records, tfrecord
+
+
+ON_BAD_RECORD = ("raise", "skip")
+
+
+class BadRecordError(ValueError):
+  """A record that cannot become an example; names the shard, the record and the image id."""
 
 
 # Batch fields a method may ask for besides the image (`cxr_jax.methods.Method.inputs`).
@@ -52,6 +66,8 @@ class ExampleSpec:
   anatomy_mirror: tuple[int, ...] = ()  # id -> mirrored id; empty when anatomy is not loaded
   # A mixture's members: where each member's labels sit among the mixture's; empty: one dataset.
   label_positions: tuple[tuple[int, ...], ...] = ()
+  stored_size: int | None = None  # the side of the dataset's images (None: not checked)
+  on_bad_record: str = "raise"  # or "skip" (module docstring)
   augment: augment.AugmentParams | None = None  # None: evaluation (resize only)
 
 
@@ -90,6 +106,8 @@ def make_spec(data_config: Mapping[str, Any], manifest: Mapping[str, Any], *, tr
                       if "anatomy" in inputs else ()),
       label_positions=tuple(tuple(mixture.positions(label_names, m["label_names"]))
                             for m in manifest.get("members", ())),
+      stored_size=manifest.get("image_size"),
+      on_bad_record=data_config.get("on_bad_record", "raise"),
       augment=params,
   )
 
@@ -99,10 +117,16 @@ def make_example(payload: bytes, spec: ExampleSpec, rng: np.random.Generator | N
   """Parses one record and returns its model-ready example (augmented when `rng` is given);
   `member`: the mixture member the record comes from (its labels are moved to the mixture's)."""
   ex = tfrecord.parse(payload)
-  what = f"image of record {ex.image_id!r}"
-  image = augment.decode_png(ex.image, what=what)
+  check_lengths(ex, spec, member)
+  image = augment.decode_png(ex.image, what=f"image of record {ex.image_id!r}")
+  if spec.stored_size and image.shape != (spec.stored_size, spec.stored_size):
+    raise ValueError(f"image of record {ex.image_id!r} is {image.shape[1]} x {image.shape[0]}; "
+                     f"the dataset's are {spec.stored_size} x {spec.stored_size}")
   anatomy = (augment.decode_png(ex.anatomy, what=f"anatomy of {ex.image_id!r}")
              if spec.anatomy_mirror else None)
+  if anatomy is not None and anatomy.shape != image.shape:
+    raise ValueError(f"anatomy map of record {ex.image_id!r} is {anatomy.shape}, its image "
+                     f"{image.shape}")
   raw_labels, boxes, box_labels = ex.labels, ex.boxes, ex.box_labels
   if spec.label_positions:
     where = np.asarray(spec.label_positions[member], np.int64)
@@ -140,6 +164,44 @@ def make_example(payload: bytes, spec: ExampleSpec, rng: np.random.Generator | N
   return out
 
 
+def check_lengths(ex: tfrecord.CxrExample, spec: ExampleSpec, member: int) -> None:
+  """Refuses a record whose label or fine-label vector is not as long as its dataset's."""
+  expected = (len(spec.label_positions[member]) if spec.label_positions
+              else len(spec.policy_codes))
+  if len(ex.labels) != expected:
+    raise ValueError(f"record {ex.image_id!r} has {len(ex.labels)} labels; its dataset has "
+                     f"{expected}")
+  if spec.num_fine and (ex.fine_labels is None or len(ex.fine_labels) != spec.num_fine):
+    found = "none" if ex.fine_labels is None else len(ex.fine_labels)
+    raise ValueError(f"record {ex.image_id!r} has {found} fine labels; its dataset has "
+                     f"{spec.num_fine}")
+
+
+def load_example(source, index: int, spec: ExampleSpec,
+                 rng: np.random.Generator | None = None) -> dict[str, Any]:
+  """The example of record `index` of `source` (`make_example`); any failure to read or decode it
+  is a BadRecordError naming the shard, the record and (in the cause) the image id."""
+  try:
+    return make_example(source[index], spec, rng, member=_member_of(source, index))
+  except (ValueError, OSError) as e:
+    raise BadRecordError(f"{source.describe(index)}: {e}") from e
+
+
+def first_good(source, spec: ExampleSpec, order: Sequence[int], position: int,
+               rng: np.random.Generator | None = None) -> tuple[int, dict[str, Any], int]:
+  """(record, example, bad records skipped) for `position` of `order`: the record there, or with
+  `on_bad_record=skip` the next good one of the order, each bad one logged."""
+  for skipped in range(len(order)):
+    record = int(order[(position + skipped) % len(order)])
+    try:
+      return record, load_example(source, record, spec, rng), skipped
+    except BadRecordError as e:
+      if spec.on_bad_record != "skip":
+        raise
+      logging.warning("skipping a bad record: %s", e)
+  raise BadRecordError(f"every record of {source!r} is bad")
+
+
 def _pad_boxes(boxes, box_labels, max_boxes, image_id) -> dict[str, np.ndarray]:
   if len(boxes) > max_boxes:
     raise ValueError(f"record {image_id!r} has {len(boxes)} boxes; raise config.data.max_boxes "
@@ -158,10 +220,12 @@ class _PaddedEval(grain.transforms.Map):
     self.source, self.spec = source, spec
 
   def map(self, element: int) -> dict[str, Any]:
-    example = make_example(self.source[max(element, 0)], self.spec,
-                           member=_member_of(self.source, max(element, 0)))
-    example["valid"] = np.float32(element >= 0)
+    record, example, skipped = first_good(self.source, self.spec, range(len(self.source)),
+                                          max(element, 0))
+    example["valid"] = np.float32(element >= 0 and record == element)
     example["index"] = np.int32(element)
+    if self.spec.on_bad_record == "skip":
+      example["bad_records"] = np.int32(skipped if element >= 0 else 0)
     return example
 
 
@@ -209,10 +273,12 @@ class _ProcessShare(grain.transforms.Map):
     order = self.order(epoch)
     examples = []
     for slot in self.slots:
-      record = int(order[batch_in_epoch * self.global_batch + slot])
       rng = np.random.default_rng([self.seed, _AUGMENTATION, element * self.global_batch + slot])
-      examples.append(make_example(self.source[record], self.spec, rng,
-                                   member=_member_of(self.source, record)))
+      _, example, skipped = first_good(self.source, self.spec, order,
+                                       batch_in_epoch * self.global_batch + slot, rng)
+      if self.spec.on_bad_record == "skip":
+        example["bad_records"] = np.int32(skipped)
+      examples.append(example)
     return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
 

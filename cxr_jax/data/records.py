@@ -70,11 +70,19 @@ class RecordSource:
   def __len__(self) -> int:
     return int(self._starts[-1])
 
-  def __getitem__(self, index: int) -> bytes:
+  def _locate(self, index: int) -> tuple[int, int]:
     if not 0 <= index < len(self):
       raise IndexError(f"record {index} out of range [0, {len(self)})")
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-    local = index - int(self._starts[shard])
+    return shard, index - int(self._starts[shard])
+
+  def describe(self, index: int) -> str:
+    """Where record `index` is: its shard and its position in the shard."""
+    shard, local = self._locate(index)
+    return f"{self.shards[shard]} record {local}"
+
+  def __getitem__(self, index: int) -> bytes:
+    shard, local = self._locate(index)
     start, end = self._offsets[shard][local:local + 2]
     buf = os.pread(self._fd(shard), int(end - start), int(start))
     return tfrecord.unframe(buf, path=self.shards[shard], index=local, offset=int(start),

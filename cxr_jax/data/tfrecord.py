@@ -30,6 +30,7 @@ from typing import BinaryIO, Iterator
 
 import crc32c
 import numpy as np
+from google.protobuf import message
 from tensorflow_datasets.proto import tf_example_pb2
 
 _MASK_DELTA = 0xA282EAD8
@@ -96,25 +97,35 @@ def serialize(ex: CxrExample) -> bytes:
 
 
 def parse(payload: bytes) -> CxrExample:
-  """Parses a serialized `tf.train.Example` written by `serialize` or by TensorFlow."""
+  """Parses a serialized `tf.train.Example` written by `serialize` or by TensorFlow; ValueError
+  for anything else."""
   proto = tf_example_pb2.Example()
-  proto.ParseFromString(payload)
+  try:
+    proto.ParseFromString(payload)
+  except message.DecodeError as e:
+    raise ValueError(f"record is not a tf.train.Example: {e}") from None
   feature = proto.features.feature
 
+  def first(key, kind):
+    values = getattr(feature[key], kind).value
+    if not values:
+      raise ValueError(f"record feature {key!r} has no {kind} value")
+    return values[0]
+
   def text(key):
-    return feature[key].bytes_list.value[0].decode() if key in feature else ""
+    return first(key, "bytes_list").decode() if key in feature else ""
 
   def floats(key):
     return np.asarray(feature[key].float_list.value, np.float32)
 
   if "image" not in feature or "labels" not in feature:
-    raise KeyError(f"record has no 'image' or 'labels' feature (has {sorted(feature)})")
+    raise ValueError(f"record has no 'image' or 'labels' feature (has {sorted(feature)})")
   box_labels = np.asarray(feature["box/label"].int64_list.value, np.int64)
   boxes = np.stack([floats(key) for key in BOX_KEYS], axis=-1).reshape(-1, 4)
   if len(boxes) != len(box_labels):
     raise ValueError(f"{len(box_labels)} box labels but {len(boxes)} boxes")
   return CxrExample(
-      image=feature["image"].bytes_list.value[0],
+      image=first("image", "bytes_list"),
       image_id=text("image_id"),
       patient_id=text("patient_id"),
       study_id=text("study_id"),
@@ -123,9 +134,9 @@ def parse(payload: bytes) -> CxrExample:
       boxes=boxes,
       box_labels=box_labels,
       fine_labels=floats("fine_labels") if "fine_labels" in feature else None,
-      anatomy=feature["anatomy"].bytes_list.value[0] if "anatomy" in feature else None,
+      anatomy=first("anatomy", "bytes_list") if "anatomy" in feature else None,
       # Records of format version 2 and older have no flag: none of them was marked.
-      box_supervised=(bool(feature["box_supervised"].int64_list.value[0])
+      box_supervised=(bool(first("box_supervised", "int64_list"))
                       if "box_supervised" in feature else False),
   )
 
@@ -183,6 +194,10 @@ def iter_records(path: str | os.PathLike, *, verify_crc: bool = True) -> Iterato
     offset, index = 0, 0
     while offset < size:
       record_size = _record_size(f, offset, path, index)
+      if offset + record_size > size:  # never allocate the size a damaged header claims
+        length = record_size - _HEADER.size - _FOOTER.size
+        raise CorruptRecordError(path, index, offset,
+                                 f"truncated payload (expected {length} bytes)")
       f.seek(offset)
       payload = unframe(f.read(record_size), path=path, index=index, offset=offset,
                         verify_crc=verify_crc)
