@@ -20,6 +20,8 @@ import jax
 from absl import logging
 import orbax.checkpoint as ocp
 
+from cxr_jax import fileutil
+
 class Checkpointer:
   """Saves and restores {state, data iterator}; one per run directory."""
 
@@ -64,10 +66,15 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_position: dict[str, Any],
            metrics: dict[str, float] | None = None) -> None:
-    """Saves asynchronously; `metrics` (holding the best metric) rank the best checkpoints."""
+    """Saves asynchronously; `metrics` (holding the best metric) rank the best checkpoints.
+
+    A failed write (a full disk) of this or the previous save raises here, in `wait` or in
+    `close`, naming the checkpoint directory; the checkpoints finished before it stay restorable.
+    """
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_position))
-    self.manager.save(step, args=args, metrics=metrics, force=True)
+    with fileutil.naming(self.directory):
+      self.manager.save(step, args=args, metrics=metrics, force=True)
 
   def restore_training(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores (state onto `abstract_state`'s shardings, data position) to continue training."""
@@ -83,11 +90,13 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
-    self.manager.wait_until_finished()
+    with fileutil.naming(self.directory):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
-    self.manager.close()
+    with fileutil.naming(self.directory):
+      self.manager.close()
 
 
 def abstract(tree: Any) -> Any:

@@ -62,7 +62,7 @@ def preprocessing(config: ml_collections.ConfigDict, method: methods.Method | No
 
 
 def _write_json(path: str, value: Any) -> None:
-  with open(path, "w") as f:
+  with fileutil.naming(path), open(path, "w") as f:
     json.dump(value, f, indent=1)
     f.write("\n")
 
@@ -141,7 +141,9 @@ def _write(folder: str, run: experiment.Run, state, step: int, meta: Mapping[str
   config = run.config
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   state_dict = convert.to_state_dict(variables, registry.torch_names(config))
-  convert.state_dict_to_safetensors(state_dict, os.path.join(folder, WEIGHTS))
+  weights = os.path.join(folder, WEIGHTS)
+  with fileutil.naming(weights):
+    convert.state_dict_to_safetensors(state_dict, weights)
   _write_json(os.path.join(folder, CONFIG), dict(config.to_dict(), export=dict(meta, step=step)))
   _write_json(os.path.join(folder, LABELS), list(run.task.class_names))
   spec = preprocessing(config, run.method)

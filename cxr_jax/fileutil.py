@@ -36,6 +36,21 @@ def staged_dir(out: str | os.PathLike, *, replace: bool = False) -> Iterator[str
     raise
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+  """Adds `path` to an OSError of the block that names no file, and re-raises it.
+
+  A failed write or flush (ENOSPC, EDQUOT, EIO) reaches Python without the file's name, so
+  "No space left on device" alone would not say which disk is full.
+  """
+  try:
+    yield
+  except OSError as e:
+    if e.errno is not None and e.filename is None:
+      e.filename = os.fspath(path)
+    raise
+
+
 def replace_dir(src: str, dst: str) -> None:
   """Moves `src` to `dst`, replacing an existing `dst` only after `src` is complete."""
   if os.path.isdir(dst) and not os.listdir(dst):

@@ -12,6 +12,8 @@ from typing import Mapping
 
 import numpy as np
 
+from cxr_jax import fileutil
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
 
@@ -24,16 +26,20 @@ class MetricWriter:
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+    self._jsonl_path = os.path.join(workdir, METRICS_FILE)
+    _drop_torn_line(self._jsonl_path)
+    self._jsonl = open(self._jsonl_path, "a")
     self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
-    """Logs scalars of one split (`train`, `val`, ...) at a step."""
+    """Logs scalars of one split (`train`, `val`, ...) at a step; a failed write (a full disk)
+    raises an OSError naming metrics.jsonl."""
     if not self.enabled:
       return
     values = {k: _plain(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-    self._jsonl.flush()
+    with fileutil.naming(self._jsonl_path):
+      self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+      self._jsonl.flush()
     for name, value in values.items():
       if isinstance(value, float) and math.isfinite(value):
         self._tb.add_scalar(f"{split}/{name}", value, step)
@@ -41,8 +47,22 @@ class MetricWriter:
   def close(self) -> None:
     """Flushes and closes both outputs."""
     if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+      try:
+        with fileutil.naming(self._jsonl_path):
+          self._jsonl.close()
+      finally:
+        self._tb.close()
+
+
+def _drop_torn_line(path: str) -> None:
+  """Cuts a last line that lacks its newline (its write failed, e.g. on a full disk), so that the
+  lines a resumed run appends stay valid JSON lines."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    text = f.read()
+    if text and not text.endswith(b"\n"):
+      f.truncate(text.rfind(b"\n") + 1)
 
 
 def _plain(value):

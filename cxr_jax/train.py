@@ -14,6 +14,7 @@ Ctrl-C or SIGTERM saves a checkpoint first. Where each output lands: README "Whe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -147,10 +148,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning("stopped at step %d; the same command resumes the run", step)
         break
   finally:
-    stop.restore()
-    ckpt.close()
-    log.close()
-    data_iter.close()
+    # Every one runs even when another fails (a full disk surfaces at ckpt.close()).
+    with contextlib.ExitStack() as closing:
+      for close in (data_iter.close, log.close, ckpt.close, stop.restore):
+        closing.callback(close)
   if last.get("train", {}).get("bad_records"):
     logging.warning("skipped %d bad training records (data.on_bad_record=skip; each is logged "
                     "above)", last["train"]["bad_records"])

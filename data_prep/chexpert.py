@@ -40,12 +40,12 @@ with the small layout is refused. A box may overshoot the image by up to 1 pixel
 rounding of annotation tools) and is then clipped. A key of an image the --views filter left out
 is ignored (counted as `boxes_on_filtered_views`).
 
-Every bad input (bad header: always fatal; malformed row, bad label or view value, bad or
-escaping Path, second row of an image, missing or unreadable image; in --boxes a key naming no
-image of the CSVs, an unknown class, a malformed box, xmax <= xmin or ymax <= ymin, a box outside
-the image) stops the conversion with an error naming the file and row (the JSON file and key for
-boxes), and leaves --out as it was; with --skip-bad it is logged, left out and listed in
-cxr_manifest.json instead (a bad box is left out, its image written).
+Every bad input (bad header: always fatal; malformed row, bad label or view value, bad or escaping
+Path, second row of an image, missing or unreadable image or one linked from outside --src; in
+--boxes a key naming no image of the CSVs, an unknown class, a malformed box, xmax <= xmin or ymax
+<= ymin, a box outside the image) stops the conversion with an error naming the file and row (the
+JSON file and key for boxes), and leaves --out as it was; with --skip-bad it is logged, left out
+and listed in cxr_manifest.json instead (a bad box is left out, its image written).
 """
 
 from __future__ import annotations
@@ -250,11 +250,16 @@ def filter_views(entries: Sequence[Entry], views: str) -> tuple[list[Entry], int
 
 def check_images_found(src: str, folder: str, kept: Sequence[Entry],
                        bad: common.BadInputs) -> None:
-  """Every kept image must have a file."""
+  """Every kept image must have a file inside `src`: not found, or a link leading out of `src`,
+  it is bad input."""
   for entry in kept:
-    if not os.path.isfile(image_path(src, folder, entry)):
-      bad.report(BadInputError(entry.file, entry.line, f"image {image_path(src, folder, entry)} "
-                               "not found", image=entry.image_id))
+    path = image_path(src, folder, entry)
+    try:
+      if not os.path.isfile(path):
+        raise ValueError(f"image {path} not found")
+      common.check_inside(path, src)
+    except ValueError as e:
+      bad.report(BadInputError(entry.file, entry.line, str(e), image=entry.image_id))
 
 
 def image_path(src: str, folder: str, entry: Entry) -> str:

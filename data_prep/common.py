@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cxr_jax.data.augment import encode_png
 
@@ -176,6 +176,14 @@ def read_columns(path: str, columns: Sequence[str],
   return rows, len(header), column_index(header, columns, path, header_line)
 
 
+def check_inside(path: str, root: str) -> None:
+  """ValueError when `path`, its links followed, is not inside the folder `root` (--src): a link
+  (of the file or of a folder above it) must not let a source read files from elsewhere."""
+  real, real_root = os.path.realpath(path), os.path.realpath(root)
+  if os.path.commonpath([real, real_root]) != real_root:
+    raise ValueError(f"{path} is a link to {real}, outside --src {root}")
+
+
 def to_gray8(image: Image.Image) -> Image.Image:
   """The image as 8-bit grayscale ("L"); 16-bit images are scaled from their full 0..65535 range."""
   if image.mode.startswith("I"):
@@ -215,7 +223,8 @@ class ImageResult:
 
 
 def prepare_image(job: ImageJob) -> ImageResult:
-  """Reads, converts to 8-bit grayscale, area-resizes and PNG-encodes one image.
+  """Reads, turns upright (EXIF orientation), converts to 8-bit grayscale, area-resizes and
+  PNG-encodes one image; width and height are the upright image's.
 
   Runs in pool workers, so an unreadable file is returned as `error` instead of raised: one bad
   image must not take down the other images of its batch.
@@ -223,6 +232,9 @@ def prepare_image(job: ImageJob) -> ImageResult:
   try:
     with Image.open(job.path) as image:
       image.load()
+      # Photographed or scanned JPEGs may store the pixels sideways with an EXIF orientation tag
+      # saying how to show them: the model, like a reader, must see them upright.
+      ImageOps.exif_transpose(image, in_place=True)
       width, height = image.size
       png = encode_png(resize_area(to_gray8(image), job.size))
   except UNREADABLE as e:

@@ -39,12 +39,12 @@ Splits: SCR's fold1 is "train" and fold2 "test" (the fold of an image is the one
 masks; both folds are searched). Validation is carved from fold1 by patient (--val-fraction,
 --seed). cxr_manifest.json records the folds (`folds`), the paint order and the files read.
 
-Every bad input (an image file of another byte size, an image name that is not JPCLNnnn/JPCNNnnn,
-an image without SCR masks, an organ mask missing, masks of an image in both folds, a mask with
-an unknown name or of no image, a mask GIF that is not 1024 x 1024 or not binary or unreadable, a
-malformed CLNDAT row or one of no nodule image) stops the conversion with an error naming the
-file (and row), and leaves --out as it was; with --skip-bad it is logged, left out (with its
-image, where it spoils one) and listed in cxr_manifest.json instead.
+Every bad input (an image file of another byte size or linked from outside --src, an image name
+that is not JPCLNnnn/JPCNNnnn, an image without SCR masks, an organ mask missing, masks of an image
+in both folds, a mask with an unknown name or of no image, a mask GIF that is not 1024 x 1024 or
+not binary or unreadable, a malformed CLNDAT row or one of no nodule image) stops the conversion
+with an error naming the file (and row), and leaves --out as it was; with --skip-bad it is logged,
+left out (with its image, where it spoils one) and listed in cxr_manifest.json instead.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def nodule_label(name: str) -> np.ndarray:
 
 def find_images(src: str, bad: common.BadInputs) -> dict[str, str]:
   """The file of each JSRT image by name, from --src/All247images and --src; a `.IMG` of an
-  unknown name or of another byte size is bad input, and so is a name found twice."""
+  unknown name, of another byte size or that is a link leading out of --src is bad input, and so
+  is a name found twice."""
   paths: dict[str, str] = {}
   for folder in (os.path.join(src, d) if d else src for d in IMAGE_DIRS):
     if not os.path.isdir(folder):
@@ -135,15 +136,21 @@ def find_images(src: str, bad: common.BadInputs) -> dict[str, str]:
         bad.report(BadInputError(entry.path, None, f"another image of this name is at "
                                  f"{paths[stem]}; keep one of them", image=stem))
       else:
-        paths[stem] = entry.path
-        check_image_bytes(entry.path, stem, bad)
+        paths[stem] = entry.path  # kept even when bad, so that its masks are not "of no image"
+        check_image_file(entry.path, stem, src, bad)
   if not paths and not bad.dropped:
     raise FileNotFoundError(f"no JSRT .IMG files in {src} or {os.path.join(src, IMAGE_DIRS[0])}")
   return paths
 
 
-def check_image_bytes(path: str, name: str, bad: common.BadInputs) -> None:
-  """A raw JSRT image must be exactly 2048 x 2048 uint16: any other size is bad input."""
+def check_image_file(path: str, name: str, src: str, bad: common.BadInputs) -> None:
+  """A raw JSRT image must be inside `src` (a link must not lead out) and exactly 2048 x 2048
+  uint16: any other is bad input."""
+  try:
+    common.check_inside(path, src)
+  except ValueError as e:
+    bad.report(BadInputError(path, None, str(e), image=name))
+    return
   size = os.path.getsize(path)
   if size != IMAGE_BYTES:
     bad.report(BadInputError(path, None, f"{size:,} bytes, expected {IMAGE_BYTES:,} (raw "

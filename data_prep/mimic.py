@@ -49,17 +49,18 @@ out):
   4. --one-per-study keeps one image per study: PA before AP before any other view, then the
      smallest dicom_id (`not_first_of_study`).
 
-Every bad input (a missing or unreadable image; a malformed row; a bad subject, study or dicom id;
-an unknown split; a subject in two splits; a dicom_id twice in split.csv or metadata.csv; an image
-without a metadata row, or whose metadata row names another subject or study; a bad label value;
-a second label row for a study; of --fine-labels a malformed row, a dicom_id not in split.csv, a
-second row for an image, an unknown fine label, a fine label whose finding is negative in the
-study's labels) stops the conversion with an error naming the file and row, and leaves --out
-as it was; with --skip-bad it is logged, left out and listed in cxr_manifest.json instead (a bad
-label row and a subject in two splits are listed once for each image they make unusable; an image
-with a bad --fine-labels row is written with unknown fine labels, as no row of it can be
-trusted). A missing file, an unreadable (e.g. truncated .gz) file or a wrong header always stops
-the conversion (of --fine-labels, a header without `dicom_id` and `Fine Labels`).
+Every bad input (a missing or unreadable image, or one linked from outside --src; a malformed row;
+a bad subject, study or dicom id; an unknown split; a subject in two splits; a dicom_id twice in
+split.csv or metadata.csv; an image without a metadata row, or whose metadata row names another
+subject or study; a bad label value; a second label row for a study; of --fine-labels a malformed
+row, a dicom_id not in split.csv, a second row for an image, an unknown fine label, a fine label
+whose finding is negative in the study's labels) stops the conversion with an error naming the file
+and row, and leaves --out as it was; with --skip-bad it is logged, left out and listed in
+cxr_manifest.json instead (a bad label row and a subject in two splits are listed once for each
+image they make unusable; an image with a bad --fine-labels row is written with unknown fine
+labels, as no row of it can be trusted). A missing file, an unreadable (e.g. truncated .gz) file or
+a wrong header always stops the conversion (of --fine-labels, a header without `dicom_id` and `Fine
+Labels`).
 """
 
 from __future__ import annotations
@@ -359,20 +360,26 @@ def one_per_study(dicoms: Iterable[Dicom], views: dict[str, str]) -> list[Dicom]
 
 
 def image_path(src: str, dicom: Dicom) -> str:
-  """The file of an image; its checked ids keep it inside `src`."""
+  """The file of an image; its checked ids keep the path inside `src` (a link may still lead out:
+  check_images_found)."""
   return os.path.join(src, IMAGES_DIR, *dicom.image_id.split("/"))
 
 
 def check_images_found(src: str, split_path: str, dicoms: Sequence[Dicom],
                        bad: common.BadInputs) -> list[Dicom]:
-  """The images whose file exists; a missing one is bad input."""
+  """The images whose file exists inside `src`; a missing one, or a link leading out of `src`,
+  is bad input."""
   found = []
   for dicom in dicoms:
-    if os.path.isfile(image_path(src, dicom)):
-      found.append(dicom)
-    else:
-      bad.report(BadInputError(split_path, dicom.line, f"image {image_path(src, dicom)} not "
-                               "found", image=dicom.image_id))
+    path = image_path(src, dicom)
+    try:
+      if not os.path.isfile(path):
+        raise ValueError(f"image {path} not found")
+      common.check_inside(path, src)
+    except ValueError as e:
+      bad.report(BadInputError(split_path, dicom.line, str(e), image=dicom.image_id))
+      continue
+    found.append(dicom)
   return found
 
 

@@ -36,15 +36,15 @@ Reads from --src:
       (`fine_labels_from`) and the images whose fine labels are all unknown
       (`fine_labels_unlabelled`: absent from it, or with a row skipped by --skip-bad).
 
-Every bad input (unreadable image, malformed row, unknown label, image in no official split
-list, image in two split lists, list entry not in Data_Entry, patient in both train_val and test
-of the official split, box for an unknown image, box-list image outside the training split or
-without a box; of --fine-labels an unknown fine label, an image not in Data_Entry, a second row
-for an image, a fine label whose finding is not in the image's Finding Labels) stops the
-conversion with an error naming the file and row, and leaves --out as it was; with --skip-bad it
-is logged, left out and listed in cxr_manifest.json instead (a box-list image outside the
-training split or without a box is written, unmarked; an image with a bad --fine-labels row is
-written with unknown fine labels, as no row of it can be trusted).
+Every bad input (missing or unreadable image or one linked from outside --src, malformed row,
+unknown label, image in no official split list, image in two split lists, list entry not in
+Data_Entry, patient in both train_val and test of the official split, box for an unknown image,
+box-list image outside the training split or without a box; of --fine-labels an unknown fine label,
+an image not in Data_Entry, a second row for an image, a fine label whose finding is not in the
+image's Finding Labels) stops the conversion with an error naming the file and row, and leaves
+--out as it was; with --skip-bad it is logged, left out and listed in cxr_manifest.json instead (a
+box-list image outside the training split or without a box is written, unmarked; an image with a
+bad --fine-labels row is written with unknown fine labels, as no row of it can be trusted).
 """
 
 from __future__ import annotations
@@ -430,11 +430,17 @@ def read_boxes(src: str, data_entry: str, entries: dict[str, Entry], bad: common
 def check_images_found(src: str, data_entry: str, entries: dict[str, Entry],
                        listed: dict[str, Listing], image_paths: dict[str, str],
                        bad: common.BadInputs) -> None:
-  """Every listed image must have a file."""
+  """Every listed image must have a file inside `src`: not found, or a link leading out of
+  `src`, it is bad input."""
   for image_id in sorted(listed):
-    if image_id not in image_paths and image_id not in bad.dropped:
-      bad.report(BadInputError(data_entry, entries[image_id].line, f"image {image_id} not found in "
-                               f"{src}/images or {src}/images_*/images", image=image_id))
+    if image_id in bad.dropped:
+      continue
+    try:
+      if image_id not in image_paths:
+        raise ValueError(f"image {image_id} not found in {src}/images or {src}/images_*/images")
+      common.check_inside(image_paths[image_id], src)
+    except ValueError as e:
+      bad.report(BadInputError(data_entry, entries[image_id].line, str(e), image=image_id))
 
 
 def read_box_list(path: str, data_entry: str, entries: dict[str, Entry],

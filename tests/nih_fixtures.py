@@ -4,8 +4,8 @@
 and ages like `058Y`), BBox_List_2017.csv (9-field header, 6-field rows, `Infiltrate`), the split
 lists without a newline after the last line, the images (flat `images/` or `images_00N/images/`),
 and optionally phantom_extras/ as docs/architecture.md describes it; `write_fine_labels` writes a
-user's location-aware labels for --fine-labels. Tests then break one thing with `edit` or
-`append_line`.
+user's location-aware labels for --fine-labels. Tests then break one thing with `edit`,
+`append_line` or `link_outside`.
 """
 
 from __future__ import annotations
@@ -165,6 +165,20 @@ def line_of(path: str | os.PathLike, text: str) -> int:
     if text in line:
       return number
   raise AssertionError(f"{text!r} not in {path}")
+
+
+# The folder, next to a source folder, that `link_outside` moves files to.
+OUTSIDE = "outside"
+
+
+def link_outside(src: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+  """Moves a file or folder of `src` to OUTSIDE next to `src`, leaves a symlink to it in its
+  place, and returns the link's path."""
+  target = src.parent / OUTSIDE / path.name
+  target.parent.mkdir(exist_ok=True)
+  path.rename(target)
+  path.symlink_to(target)
+  return path
 
 
 def _image(xray: Xray) -> Image.Image:

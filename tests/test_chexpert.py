@@ -16,7 +16,7 @@ from datasets import read_all, read_split
 from data_prep import chexpert, common
 from test_end_to_end import REPO, load_config
 from data_prep.common import BadInputError
-from nih_fixtures import append_line, edit, line_of
+from nih_fixtures import OUTSIDE, append_line, edit, line_of, link_outside
 
 SIZE = 16
 SMALL = fx.LAYOUTS["small"]
@@ -280,6 +280,12 @@ BAD_INPUTS = {
     "empty image": (
         lambda s: _write_bytes(s / SMALL / P6, b""),
         TRAIN_CSV, P6, "cannot read image", {P6}),
+    "image linked from outside src": (
+        lambda s: link_outside(s, s / SMALL / P4),
+        TRAIN_CSV, P4, f"{P4} is a link to", {P4}),
+    "image folder linked from outside src": (
+        lambda s: link_outside(s, s / SMALL / "train" / "patient00006"),
+        TRAIN_CSV, P6, "outside --src", {P6}),
     "bad label value": (
         lambda s: _set_label(s, P4, "Edema", "yes"),
         TRAIN_CSV, P4, "column 'Edema': 'yes' is not 1.0, 0.0, -1.0 or blank", {P4}),
@@ -327,7 +333,8 @@ def test_bad_input_raises_with_file_and_row(src, tmp_path, case):
   with pytest.raises(BadInputError) as error:
     convert(src, tmp_path / "out", views="all")
   _check_error(error.value, src, file, row_text, reason)
-  assert os.listdir(tmp_path) == ["src"]  # neither the dataset nor a partial folder
+  # Neither the dataset nor a partial folder (OUTSIDE holds what a case links to).
+  assert set(os.listdir(tmp_path)) - {OUTSIDE} == {"src"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

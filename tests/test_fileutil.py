@@ -27,7 +27,8 @@ def slow_prepare(data_dir: str, *, tag: str) -> None:
 def test_runs_started_together_prepare_the_dataset_once(tmp_path):
   PREPARED.clear()
   config = ml_collections.ConfigDict(dict(data=dict(
-      dir=str(tmp_path / "data"), prepare=f"{__name__}:slow_prepare", prepare_args=dict(tag="x"))))
+      dir=str(tmp_path / "data"), mixture="", prepare=f"{__name__}:slow_prepare",
+      prepare_args=dict(tag="x"))))
   manifests = []
   threads = [threading.Thread(target=lambda: manifests.append(experiment.prepare_data(config)))
              for _ in range(3)]

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import jsrt_fixtures as fx
+from nih_fixtures import OUTSIDE, link_outside
 from cxr_jax.data import labels, writer
 from datasets import read_all
 from data_prep import jsrt
@@ -220,6 +221,9 @@ BAD_INPUTS = {
     "masks in both folds": (
         lambda s: _copy_masks(s, "JPCNN003", "fold2"), None,
         "JPCNN003 has masks in both fold1 and fold2", {"JPCNN003"}),
+    "image linked from outside src": (
+        lambda s: link_outside(s, fx.image_path(s, "JPCLN002")), None,
+        "JPCLN002.IMG is a link to", {"JPCLN002"}),
     "unknown image name": (
         lambda s: _add_image(s / fx.IMAGE_DIR / "JPCXX001.IMG"), None,
         "unknown image name 'JPCXX001'", set()),
@@ -265,7 +269,8 @@ def test_bad_input_raises_naming_the_file(src, tmp_path, case):
   where = f"{path}, row {row}" if row else str(path)
   assert str(error.value).startswith(f"{where}: ") and reason in str(error.value), str(
       error.value)
-  assert os.listdir(tmp_path) == ["src"]  # neither the dataset nor a partial folder
+  # Neither the dataset nor a partial folder (OUTSIDE holds what a case links to).
+  assert set(os.listdir(tmp_path)) - {OUTSIDE} == {"src"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import mimic_fixtures as fx
+from nih_fixtures import OUTSIDE, link_outside
 from cxr_jax.data import labels, writer
 from datasets import read_all
 from data_prep import mimic
@@ -245,6 +246,9 @@ BAD_INPUTS = {
     "empty image": (
         lambda s: _write_bytes(s / "files" / image_id(0x61), b""),
         SPLIT, dicom_id(0x61), "cannot read image", ids(0x61), ids(0x61)),
+    "image linked from outside src": (
+        lambda s: link_outside(s, s / "files" / image_id(0x70)),
+        SPLIT, dicom_id(0x70), f"{image_id(0x70)} is a link to", ids(0x70), ids(0x70)),
     "malformed split row": (
         lambda s: fx.edit(s / SPLIT, _split_row(0x80), _split_row(0x80)[:-len(",train")]),
         SPLIT, dicom_id(0x80), "malformed row: 3 fields, expected 4", set(), ids(0x80)),
@@ -322,7 +326,8 @@ def test_bad_input_raises_with_file_and_row(src, tmp_path, case):
   assert (os.path.basename(error.value.file), error.value.row) == (file, row)
   assert f"{src / file}, row {row}: " in str(error.value)
   assert reason.format(src=src) in str(error.value)
-  assert os.listdir(tmp_path) == ["src"]  # neither the dataset nor a partial folder
+  # Neither the dataset nor a partial folder (OUTSIDE holds what a case links to).
+  assert set(os.listdir(tmp_path)) - {OUTSIDE} == {"src"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -168,6 +168,10 @@ BAD_INPUTS = {
     "empty image": (
         lambda s: _write_bytes(s / "images" / "00000005_001.png", b""),
         DATA_ENTRY, "00000005_001.png", "cannot read image", {"00000005_001.png"}),
+    "image linked from outside src": (
+        lambda s: fx.link_outside(s, s / "images" / "00000002_001.png"),
+        DATA_ENTRY, "00000002_001.png", "images/00000002_001.png is a link to",
+        {"00000002_001.png"}),
     "malformed row": (
         lambda s: fx.edit(s / DATA_ENTRY, "00000003_000.png,Mass|Nodule|Pleural_Thickening,0,3,",
                           "00000003_000.png,Mass|Nodule|Pleural_Thickening,0,"),
@@ -211,7 +215,8 @@ def test_bad_input_raises_with_file_and_row(src, tmp_path, case):
     convert(src, tmp_path / "out")
   assert (os.path.basename(error.value.file), error.value.row) == (file, row)
   assert f"{src / file}, row {row}: " in str(error.value) and reason in str(error.value)
-  assert os.listdir(tmp_path) == ["src"]  # neither the dataset nor a partial folder
+  # Neither the dataset nor a partial folder (OUTSIDE holds what a case links to).
+  assert set(os.listdir(tmp_path)) - {fx.OUTSIDE} == {"src"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

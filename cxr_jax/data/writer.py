@@ -52,7 +52,8 @@ class _Shard:
     self.sha256 = hashlib.sha256()
 
   def write(self, record: bytes) -> None:
-    self.file.write(record)
+    with fileutil.naming(self.path):
+      self.file.write(record)
     self.sha256.update(record)
     self.num_records += 1
     self.num_bytes += len(record)
@@ -131,7 +132,8 @@ class DatasetWriter:
   def _close_shards(self) -> None:
     for shards in self._shards.values():
       for shard in shards:
-        shard.file.close()
+        with fileutil.naming(shard.path):
+          shard.file.close()
 
   def record_fact(self, key: str, value: Any) -> None:
     """Adds a fact known only once the records are written (e.g. counts) to the manifest."""
@@ -196,9 +198,11 @@ class DatasetWriter:
     manifest = dict(self.meta, splits=splits,
                     skipped=dict(count=len(self._skipped), items=self._skipped),
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    with open(os.path.join(self.tmp_dir, MANIFEST), "w") as f:
+    path = os.path.join(self.tmp_dir, MANIFEST)
+    with fileutil.naming(path), open(path, "w") as f:
       json.dump(manifest, f, indent=1)
-    _write_tfds_metadata(self.tmp_dir, manifest)
+    with fileutil.naming(self.tmp_dir):  # TFDS writes two files through its own paths
+      _write_tfds_metadata(self.tmp_dir, manifest)
     return splits
 
 
