@@ -5,9 +5,12 @@
 
 Writes into the workdir:
   eval_<split>.json          the classification report (per-class AUC with patient-level bootstrap
-                             CIs, AUPRC), the loss and its terms, and location accuracy when
-                             configured
-  predictions_<split>.csv    `Image Index,prob_<class>,...` (scores of the method's score function)
+                             CIs, AUPRC), the loss and its terms, location accuracy when
+                             configured, and `bad_records` (with data.on_bad_record=skip); for a
+                             segmenter (data.target=anatomy) the segmentation report instead:
+                             Dice and IoU per region
+  predictions_<split>.csv    `Image Index,prob_<class>,...` (scores of the method's score
+                             function; classifiers only)
   localization_<split>.json  when the method returns `cams` and the split has boxes: each
                              configured localization protocol (HAM's, Wang et al.'s)
   heatmaps_<split>/          with --heatmaps N: N overlay PNGs named by image id
