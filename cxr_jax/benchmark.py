@@ -346,6 +346,9 @@ def measure_torch(config: ml_collections.ConfigDict, host_batch: Mapping[str, np
   cuda = device.type == "cuda"
   if cuda:
     torch.cuda.reset_peak_memory_stats()
+  # The mirror's initial weights come from torch's global generator: seeded, so that a record
+  # does not depend on what ran before in the process.
+  torch.manual_seed(config.seed)
   step, params = _torch_step(config, experiment.make_task(config, synthetic_manifest(
       config.train.global_batch)), host_batch, device, sync, channels_last)
   losses = []

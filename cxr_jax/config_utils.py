@@ -123,11 +123,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for CLIs that take `--config`, turning an override of a field the config
   lacks (ml_collections raises AttributeError; KeyError or TypeError when a section on the way to
-  it is missing or is a plain field, `--config.nosuch.field`) into a one-line error that names it."""
+  it is missing or is a plain field, `--config.nosuch.field`; ValueError for a path that does not
+  parse, `--config.as`) into a one-line error that names it."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
   try:
     return flags.FLAGS(argv)
+  except ValueError as e:
+    if not (overrides and str(e).startswith("Could not parse")):  # ml_collections' path parser
+      raise
+    raise SystemExit(f"FATAL: a config override names no field of the config: {e} (overrides "
+                     f"given: {', '.join(overrides)})") from None
   except (AttributeError, KeyError, TypeError) as e:
     if not isinstance(e, AttributeError) and not overrides:
       raise

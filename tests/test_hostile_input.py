@@ -41,7 +41,7 @@ from unittest import mock
 import ml_collections
 import numpy as np
 from absl import flags
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ml_collections import config_flags
 from tensorflow_datasets.proto import tf_example_pb2
@@ -470,6 +470,7 @@ def parse_overrides(argv: list[str]) -> None:
 
 @settings(FAST, max_examples=100)
 @given(st.lists(NAMES, min_size=1, max_size=4).map(".".join), st.text(max_size=10))
+@example(key="as", value="")  # a Python keyword: ml_collections cannot parse it as a path
 def test_unknown_override_is_a_one_line_exit(key, value):
   if has_path(BASE_CONFIG, key):
     return
