@@ -33,11 +33,9 @@ best checkpoint on validation mean AUC (over the 5 reported classes), a constant
 epochs (the CheXpert recipe's length).
 """
 
-import ml_collections
-
 from configs import common
+from configs.nih import anatomy_xnet as nih_anatomy_xnet
 from cxr_jax.data import labels
-from cxr_jax.methods import anatomy_xnet
 
 TRAIN_IMAGES = 172_000  # about 90% of train.csv's 191,027 frontal images after carving validation
 
@@ -45,28 +43,9 @@ TRAIN_IMAGES = 172_000  # about 90% of train.csv's 191,027 frontal images after 
 def get_config(arg=None):
   """The recipe; `arg` may hold `smoke`, `res=<pixels>` and `epochs=<n>`."""
   arg = common.parse_arg(arg, smoke=False, res=512, epochs=3)
-  c = common.get_config()
-  c.data.dir = "data/shards/chexpert-anatomy"
-  c.data.image_size = arg.res
-  c.data.worker_count = 8
+  c = nih_anatomy_xnet.recipe(arg, "data/shards/chexpert-anatomy", TRAIN_IMAGES, evals_per_epoch=4)
   c.data.uncertainty = "zeros"
   c.data.uncertainty_per_label = "Atelectasis=ones,Edema=ones"
-  c.data.augment.update(rotate_deg=0.0, scale=(1.0, 1.1), translate=0.05, brightness=0.0,
-                        contrast=0.0, hflip=True)
-  c.model.name = "anatomy_xnet"
-  c.model.backbone.name = "densenet121"
-  c.model.dropout = 0.0
-  c.model.anatomy_xnet = ml_collections.ConfigDict(anatomy_xnet.DEFAULTS)
-  c.loss.name = "bce"
-  c.optim.update(name="adam", lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, schedule="constant")
-  c.train.global_batch = 16
-  steps_per_epoch = TRAIN_IMAGES // c.train.global_batch
-  c.train.steps = arg.epochs * steps_per_epoch
-  c.train.log_every = 100
-  c.train.eval_every = steps_per_epoch // 4
-  c.checkpoint.every = c.train.eval_every
-  c.checkpoint.best_metric = "val/mean_auc"
-  c.eval.global_batch = 64
   c.eval.classes = ",".join(labels.CHEXPERT_COMPETITION_LABELS)
   c.eval.study_level = "max"
   if arg.smoke:

@@ -32,10 +32,8 @@ Adam 1e-4, batch 16 at 512 px, flips, a mild zoom and shift, the best checkpoint
 mean AUC, a constant rate for 3 epochs.
 """
 
-import ml_collections
-
 from configs import common
-from cxr_jax.methods import anatomy_xnet
+from configs.nih import anatomy_xnet as nih_anatomy_xnet
 
 TRAIN_IMAGES = 210_000  # approximate: one frontal image per labelled study of the train split
 
@@ -43,27 +41,8 @@ TRAIN_IMAGES = 210_000  # approximate: one frontal image per labelled study of t
 def get_config(arg=None):
   """The recipe; `arg` may hold `smoke`, `res=<pixels>` and `epochs=<n>`."""
   arg = common.parse_arg(arg, smoke=False, res=512, epochs=3)
-  c = common.get_config()
-  c.data.dir = "data/shards/mimic-anatomy"
-  c.data.image_size = arg.res
-  c.data.worker_count = 8
+  c = nih_anatomy_xnet.recipe(arg, "data/shards/mimic-anatomy", TRAIN_IMAGES, evals_per_epoch=2)
   c.data.uncertainty = "zeros"
-  c.data.augment.update(rotate_deg=0.0, scale=(1.0, 1.1), translate=0.05, brightness=0.0,
-                        contrast=0.0, hflip=True)
-  c.model.name = "anatomy_xnet"
-  c.model.backbone.name = "densenet121"
-  c.model.dropout = 0.0
-  c.model.anatomy_xnet = ml_collections.ConfigDict(anatomy_xnet.DEFAULTS)
-  c.loss.name = "bce"
-  c.optim.update(name="adam", lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, schedule="constant")
-  c.train.global_batch = 16
-  steps_per_epoch = TRAIN_IMAGES // c.train.global_batch
-  c.train.steps = arg.epochs * steps_per_epoch
-  c.train.log_every = 100
-  c.train.eval_every = steps_per_epoch // 2
-  c.checkpoint.every = c.train.eval_every
-  c.checkpoint.best_metric = "val/mean_auc"
-  c.eval.global_batch = 64
   if arg.smoke:
     common.smoke(c)
   return c

@@ -49,8 +49,18 @@ TRAIN_IMAGES = 78_000  # about 90% of NIH's official train_val list after carvin
 def get_config(arg=None):
   """The Anatomy-XNet recipe; `arg` may hold `smoke`, `res=<pixels>` and `epochs=<n>`."""
   arg = common.parse_arg(arg, smoke=False, res=512, epochs=10)
+  c = recipe(arg, "data/shards/nih-anatomy", TRAIN_IMAGES, evals_per_epoch=1)
+  c.eval.evaluators = "classification,ham_localization,wang_localization"  # boxes: test split
+  if arg.smoke:
+    common.smoke(c)
+  return c
+
+
+def recipe(arg, data_dir: str, train_images: int, evals_per_epoch: int):
+  """The recipe every dataset's Anatomy-XNet config shares (module docstring), for `arg.res` and
+  `arg.epochs` epochs of `train_images`, validated `evals_per_epoch` times an epoch."""
   c = common.get_config()
-  c.data.dir = "data/shards/nih-anatomy"
+  c.data.dir = data_dir
   c.data.image_size = arg.res
   c.data.worker_count = 8
   c.data.augment.update(rotate_deg=0.0, scale=(1.0, 1.1), translate=0.05, brightness=0.0,
@@ -62,14 +72,11 @@ def get_config(arg=None):
   c.loss.name = "bce"
   c.optim.update(name="adam", lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, schedule="constant")
   c.train.global_batch = 16
-  steps_per_epoch = TRAIN_IMAGES // c.train.global_batch
+  steps_per_epoch = train_images // c.train.global_batch
   c.train.steps = arg.epochs * steps_per_epoch
   c.train.log_every = 100
-  c.train.eval_every = steps_per_epoch
-  c.checkpoint.every = steps_per_epoch
+  c.train.eval_every = steps_per_epoch // evals_per_epoch
+  c.checkpoint.every = c.train.eval_every
   c.checkpoint.best_metric = "val/mean_auc"
   c.eval.global_batch = 64
-  c.eval.evaluators = "classification,ham_localization,wang_localization"  # boxes: test split
-  if arg.smoke:
-    common.smoke(c)
   return c
