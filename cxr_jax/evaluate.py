@@ -49,10 +49,13 @@ def evaluate(workdir: str, split: str = "test", which: str = "best", n_boot: int
   """
   run, state, step = experiment.restore_for_inference(workdir, which)
   n_boot = run.config.eval.bootstrap if n_boot is None else n_boot
-  results = {member: _evaluate_member(run, state, step, workdir, split, n_boot, member)
-             for member in experiment.member_names(run.config)}
+  ids = {member: experiment.record_ids(experiment.split_source(run.config, split, member))
+         for member in experiment.member_names(run.config)}
+  results = {member: _evaluate_member(run, state, step, workdir, split, n_boot, member, member_ids)
+             for member, member_ids in ids.items()}
   if heatmaps:
-    image_ids = experiment.record_ids(experiment.split_source(run.config, split)).image
+    # The split's records are the members' one after the other.
+    image_ids = [image for member_ids in ids.values() for image in member_ids.image]
     paths = heatmaps_lib.write_overlays(run, state, split, heatmaps,
                                         os.path.join(workdir, f"heatmaps_{split}"), image_ids)
     for result in results.values():
@@ -72,10 +75,9 @@ def evaluate(workdir: str, split: str = "test", which: str = "best", n_boot: int
 
 
 def _evaluate_member(run, state, step: int, workdir: str, split: str, n_boot: int,
-                     member: str | None) -> dict[str, Any]:
-  """Evaluates one dataset of the run (the run's only one when `member` is None); writes its
-  reports, suffixed `_<member>` for a mixture member."""
-  ids = experiment.record_ids(experiment.split_source(run.config, split, member))
+                     member: str | None, ids: experiment.RecordIds) -> dict[str, Any]:
+  """Evaluates one dataset of the run (the run's only one when `member` is None), whose records
+  have `ids`; writes its reports, suffixed `_<member>` for a mixture member."""
   primary = evaluators_lib.primary(run.task)
   evaluators = experiment.split_evaluators(run, split, n_boot=n_boot, patient_ids=ids.patient,
                                            study_ids=ids.study, required=(primary,),

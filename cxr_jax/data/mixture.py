@@ -187,24 +187,18 @@ class MixtureSource:
   def __len__(self) -> int:
     return int(self._starts[-1])
 
-  def _locate(self, index: int) -> tuple[int, int]:
-    if not 0 <= index < len(self):
-      raise IndexError(f"record {index} out of range [0, {len(self)})")
-    k = int(np.searchsorted(self._starts, index, side="right")) - 1
-    return k, index - int(self._starts[k])
-
   def __getitem__(self, index: int) -> bytes:
-    k, local = self._locate(index)
+    k, local = records.locate(self._starts, index)
     return self.sources[k][local]
 
   def describe(self, index: int) -> str:
     """Where record `index` is: its member's shard and position."""
-    k, local = self._locate(index)
+    k, local = records.locate(self._starts, index)
     return self.sources[k].describe(local)
 
   def member_of(self, index: int) -> int:
     """The member record `index` belongs to."""
-    return self.member_ids[self._locate(index)[0]]
+    return self.member_ids[records.locate(self._starts, index)[0]]
 
   def __repr__(self) -> str:
     return f"MixtureSource({self.sizes} records of members {self.member_ids})"

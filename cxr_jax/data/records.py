@@ -50,6 +50,15 @@ def load_index(shard: str) -> np.ndarray:
   return offsets
 
 
+def locate(starts: np.ndarray, index: int) -> tuple[int, int]:
+  """(part, position in that part) of `index` among parts beginning at `starts` (whose last entry
+  is the total); IndexError outside it."""
+  if not 0 <= index < starts[-1]:
+    raise IndexError(f"record {index} out of range [0, {starts[-1]})")
+  part = int(np.searchsorted(starts, index, side="right")) - 1
+  return part, index - int(starts[part])
+
+
 class RecordSource:
   """A grain random-access source over the serialized records of several shards, in order.
 
@@ -70,19 +79,13 @@ class RecordSource:
   def __len__(self) -> int:
     return int(self._starts[-1])
 
-  def _locate(self, index: int) -> tuple[int, int]:
-    if not 0 <= index < len(self):
-      raise IndexError(f"record {index} out of range [0, {len(self)})")
-    shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-    return shard, index - int(self._starts[shard])
-
   def describe(self, index: int) -> str:
     """Where record `index` is: its shard and its position in the shard."""
-    shard, local = self._locate(index)
+    shard, local = locate(self._starts, index)
     return f"{self.shards[shard]} record {local}"
 
   def __getitem__(self, index: int) -> bytes:
-    shard, local = self._locate(index)
+    shard, local = locate(self._starts, index)
     start, end = self._offsets[shard][local:local + 2]
     buf = os.pread(self._fd(shard), int(end - start), int(start))
     return tfrecord.unframe(buf, path=self.shards[shard], index=local, offset=int(start),
