@@ -115,9 +115,12 @@ def get_config() -> ml_collections.ConfigDict:
   # kept best checkpoints; best_mode: max or min.
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=2, keep_best=1,
                                                 best_metric="val/mean_auc", best_mode="max"))
+  # heartbeat_timeout_s: a process silent this long counts as dead, and jax.distributed stops the
+  # others naming it (JAX's default is 100 s); shutdown_timeout_s: how long a stopping process
+  # waits for the others at exit (JAX's default 300 s).
   c.parallel = ml_collections.ConfigDict(dict(
       distributed="none", coordinator_address="", num_processes=config_dict.placeholder(int),
-      process_id=config_dict.placeholder(int)))
+      process_id=config_dict.placeholder(int), heartbeat_timeout_s=30, shutdown_timeout_s=30))
   return c
 
 

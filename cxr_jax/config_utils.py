@@ -98,7 +98,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   problems += _choice(config, "data.on_bad_record", pipeline.ON_BAD_RECORD)
   problems += _choice(config, "parallel.distributed", parallel.MODES)
   for path in ("train.steps", "train.global_batch", "train.log_every", "eval.global_batch",
-               "data.image_size", "optim.lr", "checkpoint.keep", "checkpoint.every"):
+               "data.image_size", "optim.lr", "checkpoint.keep", "checkpoint.every",
+               "parallel.heartbeat_timeout_s", "parallel.shutdown_timeout_s"):
     problems += _positive(config, path)
   for path in ("train.eval_every", "checkpoint.keep_best", "optim.warmup_steps"):
     problems += _non_negative(config, path)
@@ -144,6 +145,17 @@ def parse_flags(argv: list[str]) -> list[str]:
                      f"(overrides given: {', '.join(overrides)})") from None
 
 
+def flat(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """The config as {"section.field": value}."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config as JSON into the workdir."""
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
@@ -154,7 +166,8 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
 # what such a run did, so that evaluating or resuming an older run keeps working.
 ADDED_FIELDS = {"eval.classes": "", "eval.study_level": "", "data.lsr_zeros": (0.0, 0.3),
                 "data.lsr_ones": (0.55, 0.85), "data.mixture": "", "data.mixture_weights": "",
-                "data.on_bad_record": "raise"}
+                "data.on_bad_record": "raise", "parallel.heartbeat_timeout_s": 30,
+                "parallel.shutdown_timeout_s": 30}
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:

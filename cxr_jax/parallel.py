@@ -15,6 +15,7 @@ logs, metrics and reports; the others log warnings and errors only.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -34,8 +35,10 @@ def initialize_distributed(parallel_config: Mapping[str, Any]) -> None:
     raise ValueError(f"config.parallel.distributed={mode!r}; choose from {MODES}")
   if mode == "none" or jax.distributed.is_initialized():
     return
+  timeouts = dict(heartbeat_timeout_seconds=parallel_config["heartbeat_timeout_s"],
+                  shutdown_timeout_seconds=parallel_config["shutdown_timeout_s"])
   if mode == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   else:
     missing = [k for k in ("coordinator_address", "num_processes", "process_id")
                if parallel_config[k] in ("", None, -1)]
@@ -43,13 +46,32 @@ def initialize_distributed(parallel_config: Mapping[str, Any]) -> None:
       raise ValueError(f"config.parallel.distributed='explicit' needs config.parallel.{missing}")
     jax.distributed.initialize(coordinator_address=parallel_config["coordinator_address"],
                                num_processes=parallel_config["num_processes"],
-                               process_id=parallel_config["process_id"])
+                               process_id=parallel_config["process_id"], **timeouts)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   if not is_main_process():
     # The other processes would repeat process 0's progress lines; their warnings still show.
     logging.set_verbosity(logging.WARNING)
+
+
+def check_same_on_every_process(what: str, values: Mapping[str, Any]) -> None:
+  """Refuses to go on unless every process holds the same `values` (name -> JSON-able value);
+  the error, the same on every process, names each field that differs from process 0's."""
+  if jax.process_count() == 1:
+    return
+  text = np.frombuffer(json.dumps(values, sort_keys=True, default=repr).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.asarray(len(text), np.int64))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(text)] = text
+  rows = multihost_utils.process_allgather(padded)
+  first, *others = [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
+  differences = [f"{key}: process 0 has {first.get(key)!r}, process {p} has {other.get(key)!r}"
+                 for p, other in enumerate(others, 1)
+                 for key in sorted(set(first) | set(other)) if first.get(key) != other.get(key)]
+  if differences:
+    raise ValueError(f"the processes of this run have different {what}: "
+                     + "; ".join(differences))
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:

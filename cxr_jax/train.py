@@ -94,10 +94,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs (or resumes) training in `workdir`; returns the last train and validation metrics."""
   config_utils.validate(config)
   parallel.initialize_distributed(config.parallel)
+  # Processes started with different settings or data would train different things in lockstep.
+  parallel.check_same_on_every_process("configs", {
+      k: v for k, v in config_utils.flat(config).items() if k != "parallel.process_id"})
   os.makedirs(workdir, exist_ok=True)
   if parallel.is_main_process():
     config_utils.save(config, workdir)
   manifest = experiment.prepare_data(config)
+  parallel.check_same_on_every_process("training data", {
+      "shard checksums": data_fingerprint(manifest, config.data.train_split)})
   run = experiment.assemble(config, manifest)
   train_ds = experiment.train_dataset(config, manifest, run.method)
   example = experiment.example_batch(train_ds)

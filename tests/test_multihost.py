@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -206,3 +207,80 @@ def test_checkpoint_of_two_processes_resumes_on_one_device(scenario):
   finished, straight = state_at(scenario["resumed"], STEPS), state_at(scenario["reference"], STEPS)
   for a, b in zip(jax.tree.leaves(finished), jax.tree.leaves(straight)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+# Faults of one process: the processes are started directly, not by launch/local_multi_process.sh,
+# which would stop the others itself.
+HEARTBEAT_S = 5
+
+
+def start_processes(tmp, overrides_by_process):
+  """Starts one trainer per entry of `overrides_by_process` (extra flags of that process), joined
+  on localhost, writing tmp/process_<i>.log; returns the Popen objects."""
+  config_file = tmp / "config.py"
+  config_file.write_text(CONFIG_FILE.format(tests=os.path.join(REPO, "tests"),
+                                            data=str(tmp / "data")))
+  port = free_port()
+  processes = []
+  for i, overrides in enumerate(overrides_by_process):
+    command = [sys.executable, "-m", "cxr_jax.train", "--config", str(config_file), "--workdir",
+               str(tmp / "run"), "--config.parallel.distributed=explicit",
+               f"--config.parallel.coordinator_address=localhost:{port}",
+               f"--config.parallel.num_processes={len(overrides_by_process)}",
+               f"--config.parallel.process_id={i}",
+               f"--config.parallel.heartbeat_timeout_s={HEARTBEAT_S}", *overrides]
+    with open(tmp / f"process_{i}.log", "w") as log:
+      processes.append(subprocess.Popen(
+          command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+          env=dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")))
+  return processes
+
+
+def wait_all(processes, timeout):
+  """Waits for every process; kills what is left after `timeout` seconds and fails."""
+  deadline = time.monotonic() + timeout
+  try:
+    return [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+
+
+def test_processes_started_with_different_configs_or_data_are_refused_at_start(tmp_path):
+  processes = start_processes(tmp_path, [[], ["--config.optim.lr=0.5",
+                                             f"--config.data.dir={tmp_path / 'other'}"]])
+  assert wait_all(processes, 240) != [0, 0]
+  want = (f"the processes of this run have different configs: data.dir: process 0 has "
+          f"'{tmp_path / 'data'}', process 1 has '{tmp_path / 'other'}'; optim.lr: process 0 has "
+          "0.005, process 1 has 0.5")
+  for i in (0, 1):
+    log = (tmp_path / f"process_{i}.log").read_text()
+    assert want in log, log[-3000:]
+    assert "step 1/" not in log
+  assert not os.path.exists(tmp_path / "data") and not os.path.exists(tmp_path / "other")
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_process_stops_the_other_within_seconds(tmp_path, victim):
+  """kill -9 of one process mid-training: the other exits within the heartbeat timeout and a few
+  seconds, not after JAX's 300 s shutdown barrier, naming the process that died (process 0 hosts
+  the coordination service, so its death is named as the leader's)."""
+  processes = start_processes(tmp_path, [["--config.train.steps=100000",
+                                          "--config.train.eval_every=0"]] * 2)
+  log_0 = tmp_path / "process_0.log"
+  deadline = time.monotonic() + 240
+  while "step 2/" not in log_0.read_text():  # process 0 alone logs progress
+    assert time.monotonic() < deadline and processes[0].poll() is None, log_0.read_text()[-3000:]
+    time.sleep(0.5)
+  processes[victim].kill()
+  killed = time.monotonic()
+  survivor = processes[1 - victim]
+  assert wait_all([survivor], HEARTBEAT_S + 30) != [0]
+  elapsed = time.monotonic() - killed
+  log = (tmp_path / f"process_{1 - victim}.log").read_text()
+  named = ("The following tasks are unhealthy (stopped sending heartbeats):\n1" if victim == 1 else
+           "Failed to send RPC to coordination service. Either the leader task")
+  assert named in log, log[-3000:]
+  print(f"process {1 - victim} stopped {elapsed:.1f} s after process {victim} was killed")
