@@ -112,13 +112,17 @@ def report(samples: list[dict[str, Any]], warmup_step: int, bound_mb: float) -> 
     return False
   first = after[0]["rss_mib"]
   growth, peak = after[-1]["rss_mib"] - first, max(s["rss_mib"] for s in after) - first
-  files = sorted({s["files"] for s in after})
-  threads = sorted({s["threads"] for s in after})
   print(f"\nafter warm-up (step {after[0]['step']} to {after[-1]['step']}, {len(after)} samples): "
         f"resident {first:.1f} -> {after[-1]['rss_mib']:.1f} MiB (growth {growth:+.1f}, largest "
-        f"{peak:+.1f}; bound {bound_mb:.0f}); open files {files[0]}..{files[-1]}; threads "
-        f"{threads[0]}..{threads[-1]}")
+        f"{peak:+.1f}; bound {bound_mb:.0f}); open files {_spread(after, 'files')}; threads "
+        f"{_spread(after, 'threads')}")
   return peak <= bound_mb
+
+
+def _spread(samples: list[dict[str, Any]], key: str) -> str:
+  """The most frequent value (the level between validations and saves) and the range."""
+  values = [s[key] for s in samples]
+  return f"mostly {max(set(values), key=values.count)} ({min(values)}..{max(values)})"
 
 
 def main(argv):

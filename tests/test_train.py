@@ -267,3 +267,24 @@ def test_init_from_fills_the_backbone_and_keeps_a_fresh_head(data_dir, tmp_path)
   chex.assert_trees_all_equal(state.params["backbone"], donor["params"]["backbone"])
   chex.assert_trees_all_equal(state.batch_stats, donor["batch_stats"])
   assert not np.array_equal(state.params["head"]["kernel"], donor["params"]["head"]["kernel"])
+
+
+def open_files_under(directory) -> list[str]:
+  """The files under `directory` this process holds open (Linux /proc)."""
+  targets = [os.path.realpath(os.path.join("/proc/self/fd", fd)) for fd in os.listdir("/proc/self/fd")]
+  return [t for t in targets if t.startswith(os.path.realpath(directory) + os.sep)]
+
+
+def test_validations_leave_no_shard_open(data_dir, tmp_path):
+  """Each validation pass reads its split through a new source; a long run must not pile up one
+  open descriptor per pass (benchmarks/long_run.py found it doing so)."""
+  import gc
+  config = datasets.tiny_config(data_dir, steps=6, eval_every=1)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  gc.collect()
+  assert open_files_under(data_dir) == []
+  source = experiment.split_source(config, "val")
+  source[0]
+  assert len(open_files_under(data_dir)) == 1
+  del source
+  assert open_files_under(data_dir) == []

@@ -98,6 +98,19 @@ class RecordSource:
       self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
     return self._fds[shard]
 
+  def close(self) -> None:
+    """Closes the shards this process opened; a later read opens them again."""
+    if self._pid == os.getpid():
+      for fd in self._fds.values():
+        os.close(fd)
+    self._fds = {}
+
+  def __del__(self):
+    # Validation builds a source per pass: without this, each pass left its shards open until
+    # a long run hit the open-files limit (benchmarks/long_run.py found one more per pass).
+    if getattr(self, "_fds", None):
+      self.close()
+
   def __getstate__(self):
     state = self.__dict__.copy()
     state["_fds"] = {}
