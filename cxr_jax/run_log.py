@@ -1,5 +1,5 @@
-"""Run logging on the main process: metrics as JSON lines, TensorBoard events (tensorboardX, no
-TensorFlow needed) and a live progress line with images/s and ETA."""
+"""Run logging on the main process: metrics as JSON lines, TensorBoard events (tensorboardX's
+event files, no TensorFlow needed) and a live progress line with images/s and ETA."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import time
 from typing import Mapping
 
 import numpy as np
+from tensorboardX import event_file_writer, summary
+from tensorboardX.proto import event_pb2, summary_pb2
 
 from cxr_jax import fileutil
 
@@ -25,11 +27,18 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:
       return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._jsonl_path = os.path.join(workdir, METRICS_FILE)
     _drop_torn_line(self._jsonl_path)
     self._jsonl = open(self._jsonl_path, "a")
-    self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
+    # Events are written here, in the caller's thread, not by tensorboardX's SummaryWriter, whose
+    # writer thread dies on a full disk and then blocks the next add_scalar on its full queue,
+    # hanging the run instead of stopping it with an error.
+    os.makedirs(os.path.join(workdir, TB_DIR), exist_ok=True)
+    # tensorboardX names the file by the second: the suffix keeps a resume in the same second
+    # from truncating the previous file.
+    self._events = event_file_writer.EventsWriter(os.path.join(workdir, TB_DIR, "events"),
+                                                  filename_suffix=f".{time.time_ns()}")
+    self._events_path = self._events._file_name  # pylint: disable=protected-access
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     """Logs scalars of one split (`train`, `val`, ...) at a step; a failed write (a full disk)
@@ -40,9 +49,13 @@ class MetricWriter:
     with fileutil.naming(self._jsonl_path):
       self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
       self._jsonl.flush()
-    for name, value in values.items():
-      if isinstance(value, float) and math.isfinite(value):
-        self._tb.add_scalar(f"{split}/{name}", value, step)
+    summaries = [summary.scalar(f"{split}/{name}", value) for name, value in values.items()
+                 if isinstance(value, float) and math.isfinite(value)]
+    event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(
+        value=[v for s in summaries for v in s.value]))
+    with fileutil.naming(self._events_path):
+      self._events.write_event(event)
+      self._events.flush()
 
   def close(self) -> None:
     """Flushes and closes both outputs."""
@@ -51,7 +64,8 @@ class MetricWriter:
         with fileutil.naming(self._jsonl_path):
           self._jsonl.close()
       finally:
-        self._tb.close()
+        with fileutil.naming(self._events_path):
+          self._events.close()
 
 
 def _drop_torn_line(path: str) -> None:

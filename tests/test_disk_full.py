@@ -22,6 +22,7 @@ import pytest
 import datasets
 import nih_fixtures
 from cxr_jax import checkpoint, experiment, export, run_log, train
+from cxr_jax.data import tfrecord
 from data_prep import nih
 
 WRITE_MODES = frozenset("wax+")
@@ -161,8 +162,7 @@ def train_steps(workdir) -> list[int]:
 
 
 def test_metrics_full_disk_names_the_file_and_keeps_earlier_lines(monkeypatch, tmp_path):
-  """The fault hits metrics.jsonl only: tensorboardX writes its events in its own thread, where
-  an ENOSPC ends that thread (logged), not the run; that path is not covered here."""
+  """The fault hits metrics.jsonl."""
   disk = FullDisk(monkeypatch, tmp_path / run_log.METRICS_FILE, free=None)
   log = run_log.MetricWriter(str(tmp_path))
   for step in (1, 2):
@@ -180,6 +180,42 @@ def test_metrics_full_disk_names_the_file_and_keeps_earlier_lines(monkeypatch, t
   log.write(3, "train", {"loss": 0.5})
   log.close()
   assert train_steps(tmp_path) == [1, 2, 3]
+
+
+def tensorboard_scalars(workdir) -> list[tuple[int, str, float]]:
+  """(step, tag, value) of every scalar in the run's TensorBoard event files (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+  out = []
+  for name in sorted(os.listdir(os.path.join(workdir, run_log.TB_DIR))):
+    try:
+      for _, payload in tfrecord.iter_records(os.path.join(workdir, run_log.TB_DIR, name)):
+        event = event_pb2.Event.FromString(payload)
+        out += [(event.step, v.tag, round(v.simple_value, 6)) for v in event.summary.value]
+    except tfrecord.CorruptRecordError as e:
+      assert "truncated" in str(e), e  # a torn last record, which TensorBoard skips too
+  return out
+
+
+def test_tensorboard_full_disk_names_the_file_and_does_not_hang(monkeypatch, tmp_path):
+  """The fault hits the TensorBoard events: the write raises in the caller's thread, naming the
+  event file (tensorboardX's own writer thread would die and block the next write forever)."""
+  disk = FullDisk(monkeypatch, tmp_path / run_log.TB_DIR, free=None)
+  log = run_log.MetricWriter(str(tmp_path))
+  for step in (1, 2):
+    log.write(step, "train", {"loss": 0.5})
+  disk.free = 10
+  with pytest.raises(OSError) as raised:
+    log.write(3, "train", {"loss": 0.5})  # each write is flushed: it reaches the disk here
+  log.close()
+  assert raised.value.errno == errno.ENOSPC
+  assert os.path.join(str(tmp_path), run_log.TB_DIR, "events.out.tfevents.") in str(raised.value)
+  disk.free = None  # space freed; a resumed run writes a new event file
+  log = run_log.MetricWriter(str(tmp_path))
+  log.write(40, "train", {"loss": 0.25})
+  log.close()
+  scalars = tensorboard_scalars(tmp_path)
+  assert scalars[:2] == [(1, "train/loss", 0.5), (2, "train/loss", 0.5)]
+  assert scalars[-1] == (40, "train/loss", 0.25)
 
 
 @pytest.fixture(scope="module")
