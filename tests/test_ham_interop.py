@@ -25,9 +25,11 @@ SMALL = {"name": "resnet50", "stage_sizes": (1, 1, 1, 1)}
 # measured over the two float32 cases of test_mirror_matches_flax (logits 5.2e-6, abnormality
 # logit 5.2e-6, pooled 8e-6, CAMs 1.7e-5, abnormality CAM 2e-5; refined maps 9e-4 and 1.7e-4). The
 # refined maps pass CAM differences through the min-max and the slope-100 sigmoid, which
-# multiplies a shift of a normalised value by up to 25, hence their wider bounds.
+# multiplies a shift of a normalised value by up to 25, hence their wider bounds; the refined
+# abnormality CAM measured 1.18e-3 on a later install (same jax, flax and torch; the float64
+# case agrees to 1e-12), so both refined maps share one bound.
 REL32 = {"logits": 2.5e-5, "abnormality_logit": 2.5e-5, "pooled": 4e-5, "cams": 1e-4,
-         "abnormality_cam": 1e-4, "refined_cams": 5e-3, "refined_abnormality_cam": 1e-3}
+         "abnormality_cam": 1e-4, "refined_cams": 5e-3, "refined_abnormality_cam": 5e-3}
 # float64 flax vs torch: rounding only (measured: <= 3.5e-14, 1.3e-12 for the refined maps).
 REL64 = 1e-10
 
