@@ -11,7 +11,7 @@ import time
 from typing import Mapping
 
 import numpy as np
-from tensorboardX import event_file_writer, summary
+from tensorboardX import event_file_writer
 from tensorboardX.proto import event_pb2, summary_pb2
 
 from cxr_jax import fileutil
@@ -42,17 +42,18 @@ class MetricWriter:
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
     """Logs scalars of one split (`train`, `val`, ...) at a step; a failed write (a full disk)
-    raises an OSError naming metrics.jsonl."""
+    raises an OSError naming metrics.jsonl or the event file."""
     if not self.enabled:
       return
     values = {k: _plain(v) for k, v in scalars.items()}
     with fileutil.naming(self._jsonl_path):
       self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
       self._jsonl.flush()
-    summaries = [summary.scalar(f"{split}/{name}", value) for name, value in values.items()
-                 if isinstance(value, float) and math.isfinite(value)]
-    event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(
-        value=[v for s in summaries for v in s.value]))
+    scalars_pb = [summary_pb2.Summary.Value(tag=f"{split}/{name}", simple_value=value)
+                  for name, value in values.items()
+                  if isinstance(value, float) and math.isfinite(value)]
+    event = event_pb2.Event(wall_time=time.time(), step=step,
+                            summary=summary_pb2.Summary(value=scalars_pb))
     with fileutil.naming(self._events_path):
       self._events.write_event(event)
       self._events.flush()
